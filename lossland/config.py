@@ -1,0 +1,117 @@
+"""RunConfig: every setting of one training run, with start-up validation.
+
+The absl driver (`experiments/train.py`) builds a RunConfig from its flags;
+sweeps (`experiments/eos.py`, ...) build them in code. `validate` raises a
+ConfigError naming the flag, the value, what is allowed and how to fix it,
+before any compute and before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from lossland import data as data_lib
+from lossland import losses, models
+from lossland import train as train_lib
+
+DTYPES = ("float32", "float64")
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names the flag and how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    # data
+    dataset: str = "mnist1d"
+    data_dir: Optional[str] = None
+    n_train: int = 1000
+    input_dim: int = 20          # synthetic datasets only
+    num_classes: int = 10        # synthetic datasets only
+    # model
+    model: str = "mlp"
+    width: int = 256
+    depth: int = 2
+    activation: str = "relu"
+    # objective and optimizer
+    loss: str = "mse"
+    optimizer: str = "gd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    batch_size: int = 128
+    steps: int = 2000
+    seed: int = 0
+    chunk_size: int = 4096
+    dtype: str = "float32"
+    num_devices: int = 0         # 0 = every device JAX sees
+    # records
+    workdir: str = "runs/default"
+    log_every: int = 10
+    overwrite: bool = False
+    resume: bool = False
+    checkpoint_every: int = 500
+    plots: bool = True
+    # curvature tracking
+    track_every: int = 0         # 0 = off
+    track_k: int = 10
+    lanczos_iters: int = 60
+    lanczos_tol: float = 1e-3
+    track_gn: bool = False
+    density_every: int = 0       # 0 = off
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    def asdict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _require(condition: bool, flag: str, value, allowed: str, fix: str = "") -> None:
+    if not condition:
+        message = f"--{flag}={value!r} is not allowed: {allowed}."
+        raise ConfigError(message + (f" {fix}" if fix else ""))
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks every setting; raises ConfigError on the first bad one."""
+    _require(cfg.dataset in data_lib.DATASETS, "dataset", cfg.dataset,
+             f"choose one of {sorted(data_lib.DATASETS)}")
+    _require(cfg.model in models.MODELS, "model", cfg.model, f"choose one of {sorted(models.MODELS)}")
+    _require(cfg.activation in models.ACTIVATIONS, "activation", cfg.activation,
+             f"choose one of {sorted(models.ACTIVATIONS)}")
+    _require(cfg.loss in losses.PER_EXAMPLE_LOSSES, "loss", cfg.loss,
+             f"choose one of {sorted(losses.PER_EXAMPLE_LOSSES)}")
+    _require(cfg.optimizer in train_lib.OPTIMIZERS, "optimizer", cfg.optimizer,
+             f"choose one of {list(train_lib.OPTIMIZERS)}")
+    _require(cfg.dtype in DTYPES, "dtype", cfg.dtype, f"choose one of {list(DTYPES)}")
+    _require(cfg.n_train > 0, "n_train", cfg.n_train, "the number of examples must be > 0")
+    info = data_lib.DATASETS[cfg.dataset]
+    available = info.size["train"]
+    _require(available is None or cfg.n_train <= available, "n_train", cfg.n_train,
+             f"{cfg.dataset} has {available} training examples", f"Use --n_train<={available}.")
+    _require(cfg.input_dim > 0, "input_dim", cfg.input_dim, "must be > 0")
+    _require(cfg.num_classes >= 2, "num_classes", cfg.num_classes, "must be >= 2")
+    _require(cfg.width > 0, "width", cfg.width, "must be > 0")
+    _require(cfg.depth >= 1, "depth", cfg.depth, "must be >= 1")
+    _require(cfg.lr > 0, "lr", cfg.lr, "the learning rate must be > 0")
+    _require(0 <= cfg.momentum < 1, "momentum", cfg.momentum, "must lie in [0, 1)")
+    _require(cfg.batch_size > 0, "batch_size", cfg.batch_size, "must be > 0")
+    if cfg.optimizer not in train_lib.FULL_BATCH_OPTIMIZERS:
+        _require(cfg.batch_size <= cfg.n_train, "batch_size", cfg.batch_size,
+                 f"a minibatch cannot exceed --n_train={cfg.n_train}")
+    _require(cfg.steps >= 0, "steps", cfg.steps, "the number of steps must be >= 0")
+    _require(cfg.chunk_size > 0, "chunk_size", cfg.chunk_size, "must be > 0")
+    _require(cfg.num_devices >= 0, "num_devices", cfg.num_devices, "must be >= 0 (0 = all)")
+    _require(cfg.log_every > 0, "log_every", cfg.log_every, "must be > 0")
+    _require(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every,
+             "must be >= 0 (0 = only at exit)")
+    _require(cfg.track_every >= 0, "track_every", cfg.track_every, "must be >= 0 (0 = off)")
+    _require(cfg.track_k >= 1, "track_k", cfg.track_k, "must be >= 1")
+    _require(cfg.lanczos_iters >= cfg.track_k, "lanczos_iters", cfg.lanczos_iters,
+             f"must be >= --track_k={cfg.track_k}")
+    _require(cfg.lanczos_tol >= 0, "lanczos_tol", cfg.lanczos_tol, "must be >= 0 (0 = no early stop)")
+    _require(cfg.density_every >= 0, "density_every", cfg.density_every, "must be >= 0 (0 = off)")
+    _require(not (cfg.overwrite and cfg.resume), "resume", cfg.resume,
+             "--resume and --overwrite are exclusive", "Pick one.")

@@ -1,0 +1,354 @@
+"""Datasets: one entry point, `load(name, n, seed, data_dir, split)`.
+
+Every loader returns `(x, y)` with float32 inputs of shape (n, *input_shape)
+and int32 labels of shape (n,). Inputs are standardized per feature with
+statistics of the *training* split (a fixed reference set, not of the subset),
+so that subsets are truly nested: `load(name, n2)[0][:n1] == load(name, n1)[0]`
+for n1 <= n2 and the same seed.
+
+Subsets are the first n of a fixed sequence for the seed:
+  * finite datasets (fashion_mnist, mnist, cifar10): a permutation of the split
+    drawn from `seed`;
+  * generated datasets (mnist1d, gaussian_mixture, teacher): examples are
+    generated in fixed blocks whose generator seeds derive from `seed`, so the
+    sequence is unbounded and any n is available.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import pickle
+import struct
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+SPLITS = ("train", "test")
+DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+class DataError(ValueError):
+    """A dataset cannot be loaded as asked; the message says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int
+    input_shape: tuple
+    size: dict  # split -> number of examples, or None when unbounded
+    description: str
+
+
+def cache_dir() -> Path:
+    """Where generated arrays are cached: $LOSSLAND_CACHE or ~/.cache/lossland."""
+    return Path(os.environ.get("LOSSLAND_CACHE", Path.home() / ".cache" / "lossland"))
+
+
+# ----------------------------------------------------------------------------
+# IDX files (MNIST, Fashion-MNIST)
+# ----------------------------------------------------------------------------
+
+_IDX_UBYTE = 0x08
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Reads an IDX file (optionally gzipped) into a uint8 array.
+
+    Validates the magic number (two zero bytes, type 0x08 = unsigned byte, and
+    the number of dimensions) and that the payload size matches the header.
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"cannot read IDX file {path}: {e}. The file is corrupt or "
+                        "truncated; reinstall it.") from e
+    if len(raw) < 4:
+        raise DataError(f"IDX file {path} is truncated: {len(raw)} bytes, no header.")
+    zero0, zero1, dtype_code, ndim = raw[0], raw[1], raw[2], raw[3]
+    if zero0 != 0 or zero1 != 0 or dtype_code != _IDX_UBYTE or not 1 <= ndim <= 4:
+        raise DataError(f"IDX file {path} has a bad magic number "
+                        f"{raw[:4].hex()}; expected 000008 followed by 01..04 "
+                        "(unsigned bytes). Is it really an IDX file?")
+    header_len = 4 + 4 * ndim
+    if len(raw) < header_len:
+        raise DataError(f"IDX file {path} is truncated inside its header.")
+    shape = struct.unpack(f">{ndim}I", raw[4:header_len])
+    expected = int(np.prod(shape))
+    payload = len(raw) - header_len
+    if payload != expected:
+        raise DataError(f"IDX file {path} holds {payload} data bytes but its header "
+                        f"says shape {shape} ({expected} bytes): the file is corrupt "
+                        "or truncated.")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(shape)
+
+
+def write_idx(path: str | Path, array: np.ndarray) -> None:
+    """Writes a uint8 array as an IDX file (gzipped if the name ends in .gz)."""
+    array = np.asarray(array, dtype=np.uint8)
+    header = bytes([0, 0, _IDX_UBYTE, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def _find_idx(data_dir: Path, stem: str) -> Path | None:
+    for candidate in (data_dir / (stem + ".gz"), data_dir / stem):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _load_idx_split(name: str, data_dir: Path, split: str, how_to_get: str):
+    image_stem, label_stem = _IDX_FILES[split]
+    image_path, label_path = _find_idx(data_dir, image_stem), _find_idx(data_dir, label_stem)
+    if image_path is None or label_path is None:
+        raise DataError(
+            f"{name}: missing IDX files in {data_dir}. Expected {image_stem}[.gz] and "
+            f"{label_stem}[.gz]. {how_to_get}")
+    images, labels = read_idx(image_path), read_idx(label_path)
+    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        raise DataError(f"{name}: {image_path} has shape {images.shape} and {label_path} "
+                        f"has shape {labels.shape}; expected (n, rows, cols) and (n,).")
+    if labels.size and labels.max() >= 10:
+        raise DataError(f"{name}: {label_path} holds label {labels.max()}; expected 0..9.")
+    return images.astype(np.float32) / 255.0, labels.astype(np.int32)
+
+
+def _fashion_mnist(split, data_dir):
+    directory = Path(data_dir or DEFAULT_FASHION_MNIST_DIR)
+    return _load_idx_split("fashion_mnist", directory, split,
+                           "Install them with `apt-get install dataset-fashion-mnist` "
+                           f"(into {DEFAULT_FASHION_MNIST_DIR}) or pass --data_dir.")
+
+
+def _mnist(split, data_dir):
+    if data_dir is None:
+        raise DataError("mnist: no --data_dir given. Download the four MNIST IDX files "
+                        "(train-images-idx3-ubyte.gz, ...) into a folder and pass it as "
+                        "--data_dir.")
+    return _load_idx_split("mnist", Path(data_dir), split,
+                           "Put the MNIST IDX files there or pass another --data_dir.")
+
+
+# ----------------------------------------------------------------------------
+# CIFAR-10 (python pickles)
+# ----------------------------------------------------------------------------
+
+def _cifar10(split, data_dir):
+    if data_dir is None:
+        raise DataError("cifar10: no --data_dir given. Pass the folder holding the python "
+                        "pickles (data_batch_1..5, test_batch), e.g. "
+                        "cifar-10-batches-py/ from cifar-10-python.tar.gz.")
+    directory = Path(data_dir)
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    xs, ys = [], []
+    for batch_name in names:
+        path = directory / batch_name
+        if not path.exists():
+            raise DataError(f"cifar10: missing {path}. Expected the files {', '.join(names)} "
+                            "from the python version of CIFAR-10 in --data_dir.")
+        try:
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="bytes")
+            data = np.asarray(batch[b"data"], dtype=np.uint8)
+            labels = np.asarray(batch[b"labels"], dtype=np.int32)
+        except Exception as e:  # pickle raises many kinds on corrupt input
+            raise DataError(f"cifar10: cannot read {path}: {e!r}. The file is corrupt.") from e
+        if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
+            raise DataError(f"cifar10: {path} holds data of shape {data.shape}; "
+                            "expected (n, 3072) with one label per row.")
+        # Stored as (n, 3, 32, 32) channel-major; we use NHWC.
+        xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        ys.append(labels)
+    return np.concatenate(xs).astype(np.float32) / 255.0, np.concatenate(ys)
+
+
+# ----------------------------------------------------------------------------
+# Generated datasets: unbounded sequences built from fixed-size blocks
+# ----------------------------------------------------------------------------
+
+_MNIST1D_BLOCK = 10_000       # examples generated per mnist1d call (80% train)
+_MNIST1D_TRAIN_FRACTION = 0.8
+_SYNTHETIC_BLOCK = 10_000
+
+
+def _mnist1d_block(seed: int, block: int):
+    """One block of MNIST-1D: 8000 train and 2000 test examples, cached on disk."""
+    path = cache_dir() / f"mnist1d_seed{seed}_block{block}.npz"
+    if path.exists():
+        try:
+            with np.load(path) as f:
+                return {k: f[k] for k in ("x", "y", "x_test", "y_test")}
+        except Exception:  # a corrupt cache entry is regenerated, never trusted
+            path.unlink()
+    import mnist1d.data
+
+    args = mnist1d.data.get_dataset_args()
+    args.num_samples = _MNIST1D_BLOCK
+    args.train_split = _MNIST1D_TRAIN_FRACTION
+    # A distinct, reproducible generator seed per (seed, block).
+    args.seed = 42 + 1_000_003 * seed + block
+    # mnist1d seeds numpy's global RNG; keep the caller's global state intact.
+    state = np.random.get_state()
+    try:
+        generated = mnist1d.data.make_dataset(args)
+    finally:
+        np.random.set_state(state)
+    arrays = {"x": generated["x"].astype(np.float32), "y": generated["y"].astype(np.int32),
+              "x_test": generated["x_test"].astype(np.float32),
+              "y_test": generated["y_test"].astype(np.int32)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)  # atomic: a reader never sees a half-written cache file
+    return arrays
+
+
+def _blocks_needed(n: int, per_block: int) -> int:
+    return max(1, -(-n // per_block))
+
+
+def _mnist1d(split, n, seed):
+    per_block = int(_MNIST1D_BLOCK * (_MNIST1D_TRAIN_FRACTION if split == "train"
+                                      else 1 - _MNIST1D_TRAIN_FRACTION))
+    key_x, key_y = ("x", "y") if split == "train" else ("x_test", "y_test")
+    blocks = [_mnist1d_block(seed, b) for b in range(_blocks_needed(n, per_block))]
+    x = np.concatenate([b[key_x] for b in blocks])[:n]
+    y = np.concatenate([b[key_y] for b in blocks])[:n]
+    # Standardization statistics: the training part of block 0 (fixed per seed).
+    reference = _mnist1d_block(seed, 0)["x"]
+    return x, y, reference
+
+
+def _synthetic_block(kind, seed, block, split, input_dim, num_classes):
+    """One block of a synthetic dataset; the generating model is fixed by `seed` alone."""
+    model_rng = np.random.default_rng([seed, input_dim, num_classes, 7])
+    split_id = 0 if split == "train" else 1
+    rng = np.random.default_rng([seed, input_dim, num_classes, split_id, block])
+    if kind == "gaussian_mixture":
+        # Class means on a sphere of radius 3 (so classes overlap but are learnable).
+        means = model_rng.normal(size=(num_classes, input_dim))
+        means *= 3.0 / np.linalg.norm(means, axis=1, keepdims=True)
+        y = rng.integers(0, num_classes, size=_SYNTHETIC_BLOCK)
+        x = means[y] + rng.normal(size=(_SYNTHETIC_BLOCK, input_dim))
+    else:  # teacher: labels from a random one-hidden-layer tanh network
+        hidden = 64
+        w1 = model_rng.normal(size=(input_dim, hidden)) / np.sqrt(input_dim)
+        w2 = model_rng.normal(size=(hidden, num_classes)) / np.sqrt(hidden)
+        x = rng.normal(size=(_SYNTHETIC_BLOCK, input_dim))
+        y = np.argmax(np.tanh(x @ w1) @ w2, axis=1)
+    return x.astype(np.float32), y.astype(np.int32)
+
+
+def _synthetic(kind, split, n, seed, input_dim, num_classes):
+    blocks = [_synthetic_block(kind, seed, b, split, input_dim, num_classes)
+              for b in range(_blocks_needed(n, _SYNTHETIC_BLOCK))]
+    x = np.concatenate([b[0] for b in blocks])[:n]
+    y = np.concatenate([b[1] for b in blocks])[:n]
+    reference = _synthetic_block(kind, seed, 0, "train", input_dim, num_classes)[0]
+    return x, y, reference
+
+
+# ----------------------------------------------------------------------------
+# Registry and the public entry point
+# ----------------------------------------------------------------------------
+
+DATASETS = {
+    "mnist1d": DatasetInfo("mnist1d", 10, (40,), {"train": None, "test": None},
+                           "MNIST-1D, generated locally by the mnist1d package"),
+    "fashion_mnist": DatasetInfo("fashion_mnist", 10, (28, 28), {"train": 60000, "test": 10000},
+                                 "Fashion-MNIST IDX files (apt-get install dataset-fashion-mnist)"),
+    "mnist": DatasetInfo("mnist", 10, (28, 28), {"train": 60000, "test": 10000},
+                         "MNIST IDX files from --data_dir"),
+    "cifar10": DatasetInfo("cifar10", 10, (32, 32, 3), {"train": 50000, "test": 10000},
+                           "CIFAR-10 python pickles from --data_dir"),
+    "gaussian_mixture": DatasetInfo("gaussian_mixture", 10, (20,), {"train": None, "test": None},
+                                    "synthetic Gaussian mixture, one component per class"),
+    "teacher": DatasetInfo("teacher", 10, (20,), {"train": None, "test": None},
+                           "synthetic inputs labelled by a random tanh teacher network"),
+}
+SYNTHETIC = ("gaussian_mixture", "teacher")
+GENERATED = ("mnist1d",) + SYNTHETIC
+
+_FINITE_LOADERS: dict[str, Callable] = {
+    "fashion_mnist": _fashion_mnist, "mnist": _mnist, "cifar10": _cifar10}
+
+
+def dataset_info(name: str, input_dim: int | None = None,
+                 num_classes: int | None = None) -> DatasetInfo:
+    """The registry entry for `name`, with the synthetic sizes filled in."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}.")
+    info = DATASETS[name]
+    if name in SYNTHETIC:
+        info = dataclasses.replace(
+            info, input_shape=(input_dim or info.input_shape[0],),
+            num_classes=num_classes or info.num_classes)
+    return info
+
+
+def standardize(x: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """(x − mean)/std per feature, with the statistics of `reference`.
+
+    Features that are constant in the reference (e.g. Fashion-MNIST border
+    pixels) are only centered, never divided by ~0.
+    """
+    mean = reference.mean(axis=0, dtype=np.float64)
+    std = reference.std(axis=0, dtype=np.float64)
+    std = np.where(std > 1e-8, std, 1.0)
+    return ((x - mean) / std).astype(np.float32)
+
+
+def load(name: str, n: int, seed: int = 0, data_dir: str | None = None,
+         split: str = "train", *, input_dim: int | None = None,
+         num_classes: int | None = None):
+    """Loads the first `n` examples of `name`'s fixed sequence for `seed`.
+
+    Args:
+      name: a key of DATASETS.
+      n: number of examples (> 0). Larger n contains smaller n as a prefix.
+      seed: selects the permutation (finite datasets) or generator (others).
+      data_dir: folder with the files, for fashion_mnist, mnist and cifar10.
+      split: "train" or "test".
+      input_dim, num_classes: sizes of the synthetic datasets only.
+
+    Returns:
+      (x, y): float32 array (n, *input_shape), int32 array (n,).
+    """
+    info = dataset_info(name, input_dim, num_classes)
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose one of {SPLITS}.")
+    if not isinstance(n, (int, np.integer)) or n <= 0:
+        raise DataError(f"n={n!r} examples asked of {name}; n must be a positive integer.")
+    if name in SYNTHETIC:
+        x, y, reference = _synthetic(name, split, n, seed, info.input_shape[0], info.num_classes)
+    elif name == "mnist1d":
+        x, y, reference = _mnist1d(split, n, seed)
+    else:
+        available = info.size[split]
+        if n > available:
+            raise DataError(f"{name} {split} split holds {available} examples, but n={n} "
+                            f"were asked for; use n <= {available}.")
+        x_all, y_all = _FINITE_LOADERS[name](split, data_dir)
+        if x_all.shape[0] < n:
+            raise DataError(f"{name} {split} files hold {x_all.shape[0]} examples, but "
+                            f"n={n} were asked for.")
+        reference = x_all if split == "train" else _FINITE_LOADERS[name]("train", data_dir)[0]
+        order = np.random.default_rng(seed).permutation(x_all.shape[0])[:n]
+        x, y = x_all[order], y_all[order]
+    flat_ref = reference.reshape(reference.shape[0], -1)
+    x = standardize(x.reshape(n, -1), flat_ref).reshape((n,) + info.input_shape)
+    return x, y.astype(np.int32)

@@ -1,0 +1,192 @@
+"""Run directories and records: config.json, metrics.jsonl, checkpoints.
+
+Invariants:
+  * metrics.jsonl is append-only, one JSON object per line, flushed and
+    fsynced per row, so a crash loses at most the row being written;
+  * a reader skips a partial (unterminated or unparsable) last line, with a
+    warning, and never fails on it;
+  * on resume, rows after the checkpoint step are dropped (rewritten through a
+    temporary file and an atomic rename) and recomputed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+PLOTS_DIR = "plots"
+
+
+class WorkdirError(ValueError):
+    """The workdir cannot be used as asked; the message says how to fix it."""
+
+
+def check_workdir(workdir: str | Path, *, overwrite: bool, resume: bool = False) -> Path:
+    """Validates the workdir before any compute. Writes nothing.
+
+    A workdir that exists and is not empty is refused unless --overwrite
+    (start afresh) or --resume (continue from its last checkpoint).
+    """
+    path = Path(workdir)
+    if overwrite and resume:
+        raise WorkdirError("--overwrite and --resume are exclusive: --overwrite deletes the "
+                           f"records in {path}, --resume continues them. Pick one.")
+    if path.exists() and not path.is_dir():
+        raise WorkdirError(f"--workdir={path} exists and is not a directory; choose another path.")
+    has_records = path.exists() and any(path.iterdir())
+    if resume and not (path / METRICS_FILE).exists():
+        raise WorkdirError(f"--resume: --workdir={path} holds no {METRICS_FILE} to resume; "
+                           "start a new run without --resume.")
+    if has_records and not (overwrite or resume):
+        raise WorkdirError(f"--workdir={path} exists and is not empty. Pass --overwrite to "
+                           "replace its records, --resume to continue the run from its last "
+                           "checkpoint, or choose a new --workdir.")
+    return path
+
+
+def prepare_workdir(path: Path, *, overwrite: bool) -> None:
+    """Creates the workdir; with overwrite, removes the old records first."""
+    import shutil
+
+    if overwrite and path.exists():
+        for child in path.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> dict:
+    """Versions and devices, for config.json and reports."""
+    import flax
+    import jax
+    import jaxlib
+    import optax
+
+    return {
+        "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                     "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+                     "optax": optax.__version__, "numpy": np.__version__},
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "process_count": jax.process_count(),
+        "git_commit": git_commit(),
+        "host": platform.node(),
+    }
+
+
+def write_config(path: Path, flags: dict, extra: dict | None = None) -> None:
+    config = {"flags": flags, "start_time": datetime.datetime.now().isoformat(timespec="seconds"),
+              **environment(), **(extra or {})}
+    write_json_atomic(path / CONFIG_FILE, config)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(to_jsonable(obj), f, indent=2, allow_nan=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def to_jsonable(value: Any) -> Any:
+    """numpy/jax scalars and arrays → plain Python; NaN/inf → None (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return to_jsonable(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (np.bool_,)):
+        return bool(value)
+    return value
+
+
+class MetricsWriter:
+    """Appends rows to metrics.jsonl; each row is flushed and fsynced."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = open(path, "a")
+
+    def write(self, row: dict) -> None:
+        self._file.write(json.dumps(to_jsonable(row), allow_nan=False) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Reads metrics.jsonl (a file or a workdir), skipping a partial last line with a warning."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    lines = [line for line in path.read_text().split("\n") if line.strip()]
+    rows = []
+    for index, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if index == len(lines) - 1:
+                warnings.warn(f"{path}: skipping a partial last line ({len(line)} chars); "
+                              "the run was interrupted mid-write.")
+                continue
+            raise ValueError(f"{path}: line {index + 1} is not valid JSON: {line[:80]!r}")
+    return rows
+
+
+def truncate_metrics_after(path: Path, step: int) -> list[dict]:
+    """Keeps only the rows with step ≤ `step` and no final status; returns them.
+
+    Used by resume: rows written after the checkpoint are recomputed.
+    Atomic (write to a temporary file, then rename).
+    """
+    kept = [r for r in read_metrics(path) if r.get("step", -1) <= step and "status" not in r]
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w") as f:
+        for row in kept:
+            f.write(json.dumps(row, allow_nan=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return kept
+
+
+def scalar_rows(rows: Iterable[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of the rows that hold a finite `key`."""
+    pairs = [(r["step"], r[key]) for r in rows
+             if "step" in r and isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    if not pairs:
+        return np.zeros(0, int), np.zeros(0)
+    steps, values = zip(*pairs)
+    return np.asarray(steps), np.asarray(values, float)

@@ -1,0 +1,87 @@
+"""Optimizers and the pure training step.
+
+    step(params, opt_state, batch) -> (params, opt_state, metrics)
+
+`batch` is a `ChunkedData`: the whole training set for `gd`, one minibatch
+(a single chunk) for the stochastic optimizers. The loss and gradient come
+through the chunked reducer, so GD on a large n needs memory for one chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lossland import objective as objective_lib
+
+PyTree = Any
+OPTIMIZERS = ("gd", "sgd", "momentum", "adam")
+FULL_BATCH_OPTIMIZERS = ("gd",)
+
+
+def make_optimizer(name: str, lr: float, *, momentum: float = 0.9,
+                   extra: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
+    """The optax transformation behind each optimizer name.
+
+    gd and sgd are the same update, θ ← θ − η g (gd on the full batch, sgd on
+    minibatches); momentum is heavy-ball, v ← μ v + g, θ ← θ − η v.
+    `extra` (e.g. a subspace projection) is applied to the raw gradient first.
+    """
+    if name in ("gd", "sgd"):
+        base = optax.sgd(lr)
+    elif name == "momentum":
+        base = optax.sgd(lr, momentum=momentum)
+    elif name == "adam":
+        base = optax.adam(lr)
+    else:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}.")
+    return optax.chain(extra, base) if extra is not None else base
+
+
+def tree_norm(tree) -> jax.Array:
+    """Euclidean norm of a pytree viewed as one flat vector."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(t)) for t in jax.tree_util.tree_leaves(tree)))
+
+
+class StepMetrics(NamedTuple):
+    loss: jax.Array          # mean loss of the batch at the pre-step params
+    accuracy: jax.Array
+    grad_norm: jax.Array     # ‖g‖ of the batch gradient at the pre-step params
+    param_norm: jax.Array    # ‖θ_t‖ (pre-step)
+    update_norm: jax.Array   # ‖θ_{t+1} − θ_t‖
+
+
+def make_train_step(objective: objective_lib.Objective,
+                    optimizer: optax.GradientTransformation) -> Callable:
+    """A jitted pure step `(params, opt_state, batch) -> (params, opt_state, metrics)`."""
+
+    def step(params, opt_state, batch: objective_lib.ChunkedData):
+        loss, accuracy, grad = objective.loss_accuracy_grad_fn(params, batch)
+        updates, opt_state = optimizer.update(grad, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        metrics = StepMetrics(loss=loss, accuracy=accuracy, grad_norm=tree_norm(grad),
+                              param_norm=tree_norm(params), update_norm=tree_norm(updates))
+        return new_params, opt_state, metrics
+
+    return jax.jit(step)
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The example order of one SGD epoch: a pure function of (seed, epoch)."""
+    return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
+
+
+def minibatch_indices(seed: int, step: int, n: int, batch_size: int) -> np.ndarray:
+    """Indices of the minibatch used at `step` for SGD-style optimizers.
+
+    Each epoch is a fresh permutation (a function of seed and epoch only, so a
+    resumed run sees the same batches); the last partial batch is dropped.
+    """
+    batches_per_epoch = max(1, n // batch_size)
+    epoch, position = divmod(step, batches_per_epoch)
+    order = epoch_permutation(seed, epoch, n)
+    return order[position * batch_size:(position + 1) * batch_size]
