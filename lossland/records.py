@@ -100,6 +100,13 @@ def write_config(path: Path, flags: dict, extra: dict | None = None) -> None:
     write_json_atomic(path / CONFIG_FILE, config)
 
 
+def read_config_flags(workdir: Path) -> dict:
+    path = Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        raise WorkdirError(f"{path} is missing; the workdir holds no run to resume.")
+    return json.loads(path.read_text())["flags"]
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = Path(str(path) + ".tmp")
     with open(tmp, "w") as f:
@@ -165,13 +172,13 @@ def read_metrics(path: str | Path) -> list[dict]:
     return rows
 
 
-def truncate_metrics_after(path: Path, step: int) -> list[dict]:
-    """Keeps only the rows with step ≤ `step` and no final status; returns them.
+def truncate_metrics_before(path: Path, step: int) -> list[dict]:
+    """Keeps only the rows with step < `step` and no final status; returns them.
 
-    Used by resume: rows written after the checkpoint are recomputed.
-    Atomic (write to a temporary file, then rename).
+    Used by resume from a checkpoint at `step`: rows from that step on are
+    recomputed. Atomic (write to a temporary file, then rename).
     """
-    kept = [r for r in read_metrics(path) if r.get("step", -1) <= step and "status" not in r]
+    kept = [r for r in read_metrics(path) if r.get("step", -1) < step and "status" not in r]
     tmp = Path(str(path) + ".tmp")
     with open(tmp, "w") as f:
         for row in kept:

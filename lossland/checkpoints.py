@@ -1,0 +1,85 @@
+"""Orbax checkpoints of the full training state.
+
+A checkpoint at step s holds θ_s, the optimizer state, the warm-start
+eigenvectors of the last tracked step before s, and the elapsed wall time;
+everything `runner` needs to continue as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.flatten_util import ravel_pytree
+
+from lossland import records
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: Any            # int scalar: the step whose params these are
+    params: Any
+    opt_state: Any
+    eigvecs: Any         # (k, P) eigenvectors of the last tracked step (warm start;
+                         # a (1, P) placeholder when tracking is off: orbax refuses empty arrays)
+    has_eigvecs: Any     # bool scalar: False until the first tracked step
+    last_lambda1: Any    # float scalar: λ1 of the last tracked step (for messages)
+    wall_time: Any       # float scalar: seconds spent before this checkpoint
+
+
+def initial_state(params, opt_state, track_k: int) -> TrainState:
+    flat = ravel_pytree(params)[0]
+    return TrainState(step=0, params=params, opt_state=opt_state,
+                      eigvecs=jnp.zeros((track_k, flat.shape[0]), flat.dtype),
+                      has_eigvecs=False, last_lambda1=0.0, wall_time=0.0)
+
+
+def _to_saveable(state: TrainState):
+    """Orbax wants arrays, not Python scalars."""
+    return jax.tree_util.tree_map(np.asarray, state)
+
+
+class CheckpointManager:
+    """Keeps the two newest checkpoints under workdir/checkpoints."""
+
+    def __init__(self, workdir: Path, max_to_keep: int = 2):
+        self.directory = (Path(workdir) / records.CHECKPOINT_DIR).resolve()
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                                                 create=True))
+
+    def save(self, state: TrainState) -> None:
+        step = int(state.step)
+        if self._manager.latest_step() == step:
+            return
+        self._manager.save(step, args=ocp.args.StandardSave(_to_saveable(state)))
+
+    def latest_step(self):
+        self._manager.wait_until_finished()
+        return self._manager.latest_step()
+
+    def restore_latest(self, template: TrainState) -> TrainState | None:
+        step = self.latest_step()
+        if step is None:
+            return None
+        saveable = _to_saveable(template)
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, saveable)
+        restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        # Rebuild the exact pytree types of the template (optax NamedTuples, ...).
+        leaves = jax.tree_util.tree_leaves(restored)
+        treedef = jax.tree_util.tree_structure(template)
+        state = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(leaf) for leaf in leaves])
+        return state.replace(step=int(state.step), has_eigvecs=bool(state.has_eigvecs),
+                             last_lambda1=float(state.last_lambda1),
+                             wall_time=float(state.wall_time))
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()

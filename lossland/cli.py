@@ -1,0 +1,98 @@
+"""absl flags for a RunConfig, shared by every experiment driver.
+
+Each flag mirrors a RunConfig field. Names are validated by DEFINE_enum and
+numbers by validators, so a bad value fails at parse time, before any compute
+and before anything is written, with absl's message
+`flag --NAME=VALUE: <what is allowed>`.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+from lossland import config as config_lib
+from lossland import data as data_lib
+from lossland import losses, models
+from lossland import train as train_lib
+
+_DEFAULTS = config_lib.RunConfig()
+
+
+def define_run_flags(**default_overrides) -> None:
+    """Defines every RunConfig flag (defaults may be overridden per driver)."""
+    d = _DEFAULTS.replace(**default_overrides)
+    # Data
+    flags.DEFINE_enum("dataset", d.dataset, sorted(data_lib.DATASETS), "Dataset.")
+    flags.DEFINE_string("data_dir", d.data_dir, "Folder with the dataset files (fashion_mnist: "
+                        f"defaults to {data_lib.DEFAULT_FASHION_MNIST_DIR}; mnist, cifar10: "
+                        "required).")
+    flags.DEFINE_integer("n_train", d.n_train, "Training examples: the first n of the seed's "
+                         "fixed order, so larger n contains smaller n.", lower_bound=1)
+    flags.DEFINE_integer("input_dim", d.input_dim, "Input dimension (synthetic datasets only).",
+                         lower_bound=1)
+    flags.DEFINE_integer("num_classes", d.num_classes, "Classes (synthetic datasets only).",
+                         lower_bound=2)
+    # Model
+    flags.DEFINE_enum("model", d.model, sorted(models.MODELS), "Model family.")
+    flags.DEFINE_integer("width", d.width, "Hidden units (mlp) or channels (cnn).", lower_bound=1)
+    flags.DEFINE_integer("depth", d.depth, "Hidden layers (mlp) or conv blocks (cnn).",
+                         lower_bound=1)
+    flags.DEFINE_enum("activation", d.activation, sorted(models.ACTIVATIONS), "Activation.")
+    # Objective and optimizer
+    flags.DEFINE_enum("loss", d.loss, sorted(losses.PER_EXAMPLE_LOSSES),
+                      "Loss (mean over examples): mse = ½‖z − onehot(y)‖², cross_entropy.")
+    flags.DEFINE_enum("optimizer", d.optimizer, list(train_lib.OPTIMIZERS),
+                      "gd = full-batch gradient descent; sgd, momentum (heavy ball), adam use "
+                      "minibatches of --batch_size.")
+    flags.DEFINE_float("lr", d.lr, "Learning rate η (> 0). GD is stable while λ1 < 2/η.")
+    flags.DEFINE_float("momentum", d.momentum, "Heavy-ball coefficient for --optimizer=momentum.")
+    flags.DEFINE_integer("batch_size", d.batch_size, "Minibatch size (not used by gd).",
+                         lower_bound=1)
+    flags.DEFINE_integer("steps", d.steps, "Optimizer steps (>= 0).", lower_bound=0)
+    flags.DEFINE_integer("seed", d.seed, "Seed for data order, init and probes.")
+    flags.DEFINE_integer("chunk_size", d.chunk_size, "Examples per chunk of the full-batch "
+                         "reducer; peak memory grows with it, not with n.", lower_bound=1)
+    flags.DEFINE_enum("dtype", d.dtype, list(config_lib.DTYPES), "Floating-point precision.")
+    flags.DEFINE_integer("num_devices", d.num_devices, "Devices to shard the data over "
+                         "(0 = every device JAX sees).", lower_bound=0)
+    # Records
+    flags.DEFINE_string("workdir", d.workdir, "Run directory for config.json, metrics.jsonl, "
+                        "checkpoints/ and plots/.")
+    flags.DEFINE_integer("log_every", d.log_every, "Write a metrics row every this many steps.",
+                         lower_bound=1)
+    flags.DEFINE_boolean("overwrite", d.overwrite, "Replace the records of an existing workdir.")
+    flags.DEFINE_boolean("resume", d.resume, "Continue the run in --workdir from its last "
+                         "checkpoint (only --steps may change).")
+    flags.DEFINE_integer("checkpoint_every", d.checkpoint_every, "Orbax checkpoint every this "
+                         "many steps (0 = only at exit and on SIGINT/SIGTERM).", lower_bound=0)
+    flags.DEFINE_boolean("plots", d.plots, "Draw plots into workdir/plots at the end.")
+    # Curvature tracking
+    flags.DEFINE_integer("track_every", d.track_every, "Track the top Hessian eigenvalues, χ_k "
+                         "and the gradient split every this many steps (0 = off).", lower_bound=0)
+    flags.DEFINE_integer("track_k", d.track_k, "Number of top eigenpairs to track.", lower_bound=1)
+    flags.DEFINE_integer("lanczos_iters", d.lanczos_iters, "Lanczos iteration cap per tracked "
+                         "step.", lower_bound=1)
+    flags.DEFINE_float("lanczos_tol", d.lanczos_tol, "Stop Lanczos once every top-k Ritz "
+                       "residual ≤ tol·|λ| (0 = run all --lanczos_iters).")
+    flags.DEFINE_boolean("track_gn", d.track_gn, "Also track the top eigenvalues of the "
+                         "Gauss–Newton part G = JᵀH_outJ and of the residual H − G.")
+    flags.DEFINE_integer("density_every", d.density_every, "Stochastic-Lanczos spectral density "
+                         "snapshot every this many steps (0 = off).", lower_bound=0)
+    _register_validators()
+
+
+def _register_validators() -> None:
+    flags.register_validator("lr", lambda v: v > 0,
+                             message="the learning rate must be > 0, e.g. --lr=0.05")
+    flags.register_validator("momentum", lambda v: 0 <= v < 1, message="must lie in [0, 1)")
+    flags.register_validator("lanczos_tol", lambda v: v >= 0,
+                             message="must be >= 0 (0 = no early stop)")
+
+
+def config_from_flags(**overrides) -> config_lib.RunConfig:
+    """A RunConfig from the parsed flags; raises ConfigError on cross-flag problems."""
+    values = {f: flags.FLAGS[f].value for f in config_lib.RunConfig.__dataclass_fields__
+              if f in flags.FLAGS}
+    cfg = config_lib.RunConfig(**{**values, **overrides})
+    config_lib.validate(cfg)
+    return cfg

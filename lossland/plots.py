@@ -1,0 +1,169 @@
+"""Figures drawn from the records alone (metrics.jsonl, density.jsonl, config.json).
+
+Nothing here touches a model: any run directory, old or new, can be replotted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: files only
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lossland import records  # noqa: E402
+
+DENSITY_FILE = "density.jsonl"
+
+
+def _lr(workdir: Path) -> float | None:
+    try:
+        return float(records.read_config_flags(workdir)["lr"])
+    except (records.WorkdirError, KeyError, ValueError):
+        return None
+
+
+def _eigen_rows(rows):
+    rows = [r for r in rows if isinstance(r.get("eigenvalues"), list) and r["eigenvalues"]]
+    steps = np.asarray([r["step"] for r in rows])
+    return steps, rows
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_loss_and_grad(rows, path: Path, title: str = "") -> Path:
+    """Loss and ‖∇L‖ against step, log y."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, label in ((axes[0], "loss", "training loss"), (axes[1], "grad_norm", "‖∇L‖")):
+        steps, values = records.scalar_rows(rows, key)
+        positive = values > 0
+        ax.plot(steps[positive], values[positive], lw=1.2)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    if "grad_norm_top" in {k for r in rows for k in r}:
+        for key, style in (("grad_norm_top", "--"), ("grad_norm_bulk", ":")):
+            steps, values = records.scalar_rows(rows, key)
+            axes[1].plot(steps, np.maximum(values, 1e-30), style, lw=1.2,
+                         label={"grad_norm_top": "top-k part", "grad_norm_bulk": "bulk part"}[key])
+        axes[1].legend(fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_sharpness(runs: Sequence[tuple[str, list, float | None]], path: Path,
+                   title: str = "sharpness") -> Path:
+    """λ1 against step for several runs, each with its 2/lr line (Cohen et al. 2021, Fig. 1)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (label, rows, lr) in enumerate(runs):
+        color = colors[index % len(colors)]
+        steps, eig_rows = _eigen_rows(rows)
+        if len(eig_rows):
+            ax.plot(steps, [r["eigenvalues"][0] for r in eig_rows], color=color, lw=1.4,
+                    label=f"λ1, {label}")
+        if lr:
+            ax.axhline(2.0 / lr, color=color, ls="--", lw=1, alpha=0.8, label=f"2/η = {2 / lr:.3g}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("top Hessian eigenvalue λ1")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_spectrum(rows, lr: float | None, path: Path) -> Path:
+    """All k tracked eigenvalues against step."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    steps, eig_rows = _eigen_rows(rows)
+    eigs = np.asarray([r["eigenvalues"] for r in eig_rows])
+    for j in range(eigs.shape[1]):
+        ax.plot(steps, eigs[:, j], lw=1.6 if j == 0 else 0.8, alpha=1 if j == 0 else 0.6,
+                label="λ1" if j == 0 else (f"λ2..λ{eigs.shape[1]}" if j == 1 else None))
+    if lr:
+        ax.axhline(2.0 / lr, color="k", ls="--", lw=1, label="2/η")
+    for key, style, name in (("gn_eigenvalues", "-.", "Gauss–Newton λ1"),
+                             ("residual_eigenvalues", ":", "residual λ1")):
+        rows_k = [r for r in eig_rows if key in r]
+        if rows_k:
+            ax.plot([r["step"] for r in rows_k], [r[key][0] for r in rows_k], style, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("Hessian eigenvalues")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_chi(rows, path: Path) -> Path:
+    """χ_1 and χ_k against step."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for key, label in (("chi_1", "χ_1"), ("chi_k", "χ_k")):
+        steps, values = records.scalar_rows(rows, key)
+        ax.plot(steps, values, lw=1.2, label=label)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("step")
+    ax.set_ylabel("fraction of ‖g‖² in top subspace")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def read_density(workdir: Path) -> list[dict]:
+    path = Path(workdir) / DENSITY_FILE
+    return records.read_metrics(path) if path.exists() else []
+
+
+def plot_density(snapshots: list[dict], path: Path) -> Path:
+    """SLQ spectral-density snapshots (log density), one curve per step."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    cmap = plt.get_cmap("viridis")
+    for index, snap in enumerate(snapshots):
+        color = cmap(index / max(len(snapshots) - 1, 1))
+        density = np.maximum(np.asarray(snap["density"], float), 1e-12)
+        ax.semilogy(snap["grid"], density, color=color, lw=1, label=f"step {snap['step']}")
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("spectral density")
+    ax.set_ylim(bottom=1e-8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_run(workdir: str | Path) -> list[Path]:
+    """Every figure that the records of one run support; returns the paths written."""
+    workdir = Path(workdir)
+    rows = records.read_metrics(workdir)
+    out = workdir / records.PLOTS_DIR
+    lr = _lr(workdir)
+    written = [plot_loss_and_grad(rows, out / "loss_grad.png", title=str(workdir.name))]
+    if _eigen_rows(rows)[1]:
+        written.append(plot_sharpness([(workdir.name, rows, lr)], out / "sharpness.png"))
+        written.append(plot_spectrum(rows, lr, out / "spectrum.png"))
+        written.append(plot_chi(rows, out / "chi.png"))
+    snapshots = read_density(workdir)
+    if snapshots:
+        written.append(plot_density(snapshots, out / "density.png"))
+    return written
+
+
+def plot_sharpness_overlay(workdirs: Sequence[str | Path], path: str | Path,
+                           labels: Sequence[str] | None = None) -> Path:
+    """Sharpness of several runs on one axis, each with its 2/η line."""
+    runs = []
+    for index, workdir in enumerate(workdirs):
+        workdir = Path(workdir)
+        lr = _lr(workdir)
+        label = labels[index] if labels else f"η={lr:g}" if lr else workdir.name
+        runs.append((label, records.read_metrics(workdir), lr))
+    return plot_sharpness(runs, Path(path), title="sharpness against step")

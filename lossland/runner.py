@@ -1,0 +1,324 @@
+"""One training run: build, loop, track, record, checkpoint, resume.
+
+Step semantics (what a row means):
+  * the row with `step = t` (t < steps) describes θ_t and the update applied
+    to it: loss, accuracy and gradient at θ_t, ‖θ_t‖ and ‖θ_{t+1} − θ_t‖;
+  * tracked quantities in that row are also measured at θ_t;
+  * the run ends with one status row, `step = steps` (or the step it stopped
+    at), holding the status (`finished`, `diverged`, `interrupted`) and, when
+    finite, the loss/accuracy/gradient of the final params;
+  * a checkpoint "at step s" holds θ_s (and the optimizer state and warm-start
+    eigenvectors that go with it), and the records of steps < s are complete.
+    Resume drops every row with step ≥ s and recomputes them, so records of a
+    resumed run equal those of an uninterrupted one (bitwise on CPU, except the
+    timing keys).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from lossland import checkpoints, config as config_lib, records
+from lossland import data as data_lib
+from lossland import losses, models, objective as objective_lib, sharding
+from lossland import train as train_lib
+from lossland import tracking as tracking_lib
+
+STATUS_FINISHED, STATUS_DIVERGED, STATUS_INTERRUPTED = "finished", "diverged", "interrupted"
+EXIT_CODES = {STATUS_FINISHED: 0, STATUS_DIVERGED: 3, STATUS_INTERRUPTED: 130}
+TIMING_KEYS = ("wall_time", "track_time")
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything a run needs, built from a RunConfig (no files touched)."""
+    cfg: config_lib.RunConfig
+    x: np.ndarray
+    y: np.ndarray
+    model: models.Model
+    objective: objective_lib.Objective
+    optimizer: Any
+    train_step: Any
+    dtype: Any
+    mesh: Any
+
+
+@dataclasses.dataclass
+class RunResult:
+    status: str
+    step: int
+    workdir: Path
+    last_row: dict
+    message: str = ""
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.status]
+
+
+def enable_dtype(dtype_name: str):
+    """Switches JAX to 64-bit when asked; fails clearly where the backend cannot."""
+    if dtype_name == "float64":
+        if jax.default_backend() == "tpu":
+            raise config_lib.ConfigError("--dtype=float64 is not supported on TPU backends; "
+                                         "use --dtype=float32, or run on CPU or GPU.")
+        jax.config.update("jax_enable_x64", True)
+        return jnp.float64
+    return jnp.float32
+
+
+def build_experiment(cfg: config_lib.RunConfig, projection=None) -> Experiment:
+    """Loads data and builds model, objective, optimizer and the jitted step.
+
+    Raises ConfigError / DataError before any file is written.
+    """
+    config_lib.validate(cfg)
+    dtype = enable_dtype(cfg.dtype)
+    mesh = sharding.make_mesh(cfg.num_devices)
+    x, y = data_lib.load(cfg.dataset, cfg.n_train, seed=cfg.seed, data_dir=cfg.data_dir,
+                         input_dim=cfg.input_dim, num_classes=cfg.num_classes)
+    info = data_lib.dataset_info(cfg.dataset, cfg.input_dim, cfg.num_classes)
+    init_key = jax.random.fold_in(jax.random.key(cfg.seed), 0)
+    model = models.build_model(cfg.model, info.input_shape, info.num_classes, width=cfg.width,
+                               depth=cfg.depth, activation=cfg.activation, key=init_key,
+                               dtype=dtype)
+    model = dataclasses.replace(model, params=sharding.replicate(model.params, mesh))
+    full_data = sharding.shard_data(
+        objective_lib.chunk_data(x, y, cfg.chunk_size, multiple_of=sharding.mesh_size(mesh),
+                                 dtype=dtype), mesh)
+    objective = objective_lib.Objective(model.apply, losses.per_example_loss(cfg.loss), full_data)
+    optimizer = train_lib.make_optimizer(cfg.optimizer, cfg.lr, momentum=cfg.momentum,
+                                         extra=projection)
+    train_step = train_lib.make_train_step(objective, optimizer)
+    return Experiment(cfg=cfg, x=x, y=y, model=model, objective=objective, optimizer=optimizer,
+                      train_step=train_step, dtype=dtype, mesh=mesh)
+
+
+class _SignalFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop checks, so state is saved first."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not in the main thread: signals stay as they are
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+class _Progress:
+    """A throttled progress line on stderr: step, loss, steps/s, ETA."""
+
+    def __init__(self, total: int, start: int, enabled: bool, every_s: float = 2.0):
+        self.total, self.start, self.enabled, self.every_s = total, start, enabled, every_s
+        self.t0 = time.time()
+        self.last = 0.0
+
+    def update(self, step: int, loss: float, extra: str = "", force: bool = False):
+        now = time.time()
+        if not self.enabled or (not force and now - self.last < self.every_s):
+            return
+        self.last = now
+        done = step - self.start
+        rate = done / max(now - self.t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
+        print(f"step {step}/{self.total}  loss {loss:.5g}  {rate:.1f} steps/s  ETA {eta_text}"
+              f"{extra}", file=sys.stderr, flush=True)
+
+
+def _is_finite_tree(tree) -> bool:
+    return all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def _scalars(metrics) -> dict:
+    return {name: float(value) for name, value in metrics._asdict().items()}
+
+
+def _tracked_row(row_arrays: dict, lr: float) -> dict:
+    row = {key: np.asarray(value).tolist() for key, value in row_arrays.items()}
+    row["num_matvecs"] = int(row["num_matvecs"])
+    row["stability_ratio"] = row["eigenvalues"][0] * lr / 2.0
+    return row
+
+
+def run(cfg: config_lib.RunConfig, *, progress: bool = True,
+        experiment: Optional[Experiment] = None) -> RunResult:
+    """Runs (or resumes) one training run into cfg.workdir. See the module docstring."""
+    workdir = records.check_workdir(cfg.workdir, overwrite=cfg.overwrite, resume=cfg.resume)
+    exp = experiment or build_experiment(cfg)
+    state = checkpoints.initial_state(exp.model.params, exp.optimizer.init(exp.model.params),
+                                      cfg.track_k if cfg.track_every else 1)
+    if cfg.resume:
+        state = _resume(workdir, cfg, state)
+    else:
+        records.prepare_workdir(workdir, overwrite=cfg.overwrite)
+        records.write_config(workdir, cfg.asdict(), {
+            "num_params": exp.model.num_params, "n_train": int(exp.x.shape[0]),
+            "num_devices": sharding.mesh_size(exp.mesh)})
+    return _loop(exp, workdir, state, progress)
+
+
+def _resume(workdir: Path, cfg: config_lib.RunConfig, template):
+    saved = records.read_config_flags(workdir)
+    ignored = {"resume", "overwrite", "steps", "workdir"}
+    changed = {k: (saved.get(k), v) for k, v in cfg.asdict().items()
+               if k not in ignored and saved.get(k, v) != v}
+    if changed:
+        raise config_lib.ConfigError(
+            f"--resume: flags differ from the run in {workdir}: " +
+            ", ".join(f"--{k} was {a!r}, now {b!r}" for k, (a, b) in changed.items()) +
+            ". Resume with the original flags (only --steps may change).")
+    manager = checkpoints.CheckpointManager(workdir)
+    state = manager.restore_latest(template)
+    if state is None:
+        raise records.WorkdirError(f"--resume: no checkpoint in {workdir / records.CHECKPOINT_DIR}; "
+                                   "the run cannot be resumed. Start afresh with --overwrite.")
+    records.truncate_metrics_before(workdir / records.METRICS_FILE, int(state.step))
+    print(f"resuming {workdir} from step {int(state.step)}", file=sys.stderr)
+    return state
+
+
+def _loop(exp: Experiment, workdir: Path, state, progress_enabled: bool) -> RunResult:
+    cfg = exp.cfg
+    objective, data = exp.objective, exp.objective.data
+    manager = checkpoints.CheckpointManager(workdir)
+    tracker = (tracking_lib.make_tracker(objective, k=cfg.track_k, num_iters=cfg.lanczos_iters,
+                                         tol=cfg.lanczos_tol, track_gn=cfg.track_gn)
+               if cfg.track_every else None)
+    sgd_batches = (sharding.MinibatchSource(exp.x, exp.y, cfg, exp.dtype, exp.mesh)
+                   if cfg.optimizer not in train_lib.FULL_BATCH_OPTIMIZERS else None)
+    base_key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
+    progress = _Progress(cfg.steps, int(state.step), progress_enabled)
+    params, opt_state, eigvecs = state.params, state.opt_state, state.eigvecs
+    has_eigvecs = bool(state.has_eigvecs)
+    last_lambda1 = float(state.last_lambda1) if has_eigvecs else None
+    t0 = time.time() - float(state.wall_time)
+    last_row: dict = {}
+
+    def checkpoint(step):
+        manager.save(checkpoints.TrainState(
+            step=step, params=params, opt_state=opt_state, eigvecs=eigvecs,
+            has_eigvecs=has_eigvecs, last_lambda1=last_lambda1 or 0.0,
+            wall_time=time.time() - t0))
+
+    def track(step):
+        nonlocal eigvecs, has_eigvecs, last_lambda1
+        start = time.time()
+        key = jax.random.fold_in(base_key, step)
+        row_arrays, vectors = tracker(params, data, key, eigvecs if has_eigvecs else None)
+        row = _tracked_row(row_arrays, cfg.lr)
+        row["track_time"] = time.time() - start
+        eigvecs, has_eigvecs, last_lambda1 = vectors, True, row["eigenvalues"][0]
+        return row
+
+    def finish(status, step, row_extra, message=""):
+        row = {"step": step, "status": status, "wall_time": time.time() - t0, **row_extra}
+        writer.write(row)
+        progress.update(step, row.get("loss", float("nan")), force=True)
+        return RunResult(status=status, step=step, workdir=workdir, last_row=row, message=message)
+
+    with records.MetricsWriter(workdir / records.METRICS_FILE) as writer, _SignalFlag() as signals:
+        step = int(state.step)
+        while True:
+            if signals.signum is not None:
+                checkpoint(step)
+                manager.wait()
+                name = signal.Signals(signals.signum).name
+                result = finish(STATUS_INTERRUPTED, step, {},
+                                f"interrupted by {name} at step {step}; checkpoint saved. "
+                                f"Continue with --resume --workdir={workdir}.")
+                break
+            if step > int(state.step) and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                checkpoint(step)
+            if step == cfg.steps:
+                # Checkpoint before the final tracking, whose eigenvectors must not
+                # become the warm start of a run that resumes with more --steps.
+                checkpoint(step)
+                loss, accuracy, grad = objective.loss_accuracy_grad(params)
+                final = {"loss": float(loss), "accuracy": float(accuracy),
+                         "grad_norm": float(train_lib.tree_norm(grad)),
+                         "param_norm": float(train_lib.tree_norm(params))}
+                if tracker is not None:
+                    final.update(track(step))
+                result = finish(STATUS_FINISHED, step, final)
+                break
+
+            batch = data if sgd_batches is None else sgd_batches.batch(step)
+            new_params, new_opt_state, metrics = exp.train_step(params, opt_state, batch)
+            row = {"step": step, **_scalars(metrics), "lr": cfg.lr}
+            if sgd_batches is not None and _should_log(step, cfg):
+                row["batch_loss"], row["batch_accuracy"] = row["loss"], row["accuracy"]
+                loss, accuracy, grad = objective.loss_accuracy_grad(params)
+                row.update(loss=float(loss), accuracy=float(accuracy),
+                           grad_norm=float(train_lib.tree_norm(grad)))
+            diverged_at = None
+            if not math.isfinite(row["loss"]) or not math.isfinite(row["grad_norm"]):
+                diverged_at = step
+            elif not _is_finite_tree(new_params):
+                diverged_at = step + 1
+            if diverged_at is None and tracker is not None and step % cfg.track_every == 0:
+                row.update(track(step))
+            if _should_log(step, cfg) or diverged_at is not None:
+                row["wall_time"] = time.time() - t0
+                writer.write(row)
+                last_row = row
+            if diverged_at is not None:
+                manager.wait()
+                message = _divergence_message(diverged_at, row, last_lambda1, cfg.lr,
+                                              manager.latest_step())
+                result = finish(STATUS_DIVERGED, diverged_at, {}, message)
+                break
+            params, opt_state = new_params, new_opt_state
+            step += 1
+            progress.update(step, row["loss"], _progress_extra(last_row))
+    manager.wait()
+    manager.close()
+    if result.message:
+        print(result.message, file=sys.stderr)
+    return result
+
+
+def _should_log(step: int, cfg: config_lib.RunConfig) -> bool:
+    return step % cfg.log_every == 0 or step == cfg.steps - 1
+
+
+def _progress_extra(row: dict) -> str:
+    if "stability_ratio" in row:
+        return f"  λ1·lr/2 {row['stability_ratio']:.3f}  χ1 {row['chi_1']:.2f}"
+    return ""
+
+
+def _divergence_message(step, row, lambda1, lr, checkpoint_step) -> str:
+    text = (f"diverged at step {step}: the loss or the params became NaN/inf "
+            f"(loss={row.get('loss')}).")
+    text += (f" The last good checkpoint is at step {checkpoint_step}."
+             if checkpoint_step is not None else " No checkpoint had been saved yet.")
+    if lambda1 and lambda1 > 0:
+        text += (f" The last tracked sharpness was λ1={lambda1:.4g}; GD is stable for "
+                 f"lr < 2/λ1 = {2.0 / lambda1:.4g} (now --lr={lr}).")
+    else:
+        text += " Try a smaller --lr, or --track_every to see the sharpness."
+    return text

@@ -1,0 +1,86 @@
+"""Curvature tracking along a training trajectory: one jitted function per run.
+
+At a tracked step the tracker computes, at the current params θ_t:
+  * the top-k Hessian eigenpairs by Lanczos on full-batch HVPs, warm-started
+    from the previous tracked step's eigenvectors;
+  * χ_1 and χ_k = ‖V_kᵀ g‖²/‖g‖² (MISSION.md, "Top-subspace gradient fraction");
+  * ‖g‖ split into its parts inside and outside span V_k;
+  * optionally the top eigenvalues of the Gauss–Newton part G and of the
+    residual H − G.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from lossland import curvature, subspace
+from lossland.objective import Objective
+
+
+def flat_product(product, params, data):
+    """(P,) -> (P,) matvec of a pytree product `product(params, v, data)`."""
+    _, unravel = ravel_pytree(params)
+    return lambda v: ravel_pytree(product(params, unravel(v), data))[0]
+
+
+def make_tracker(objective: Objective, *, k: int, num_iters: int, tol: Optional[float],
+                 track_gn: bool):
+    """Returns jitted `track(params, data, key, init_vectors) -> (row, eigenvectors)`.
+
+    `init_vectors` is None (cold start) or the (k, P) eigenvectors of the
+    previous tracked step. The returned `row` is a dict of arrays that the
+    driver writes into metrics.jsonl.
+    """
+    tol = tol or None
+
+    def top_k(matvec, v0, init_vectors=None):
+        return curvature.lanczos_top_k(matvec, v0, k, num_iters, tol=tol,
+                                       init_vectors=init_vectors)
+
+    def track(params, data, key, init_vectors):
+        _, _, grad = objective.loss_accuracy_grad_fn(params, data)
+        g = ravel_pytree(grad)[0]
+        v0 = jax.random.normal(key, g.shape, g.dtype)
+        hessian = flat_product(objective.hvp_fn, params, data)
+        result = top_k(hessian, v0, init_vectors)
+        V = result.eigenvectors
+        g_sq = jnp.vdot(g, g)
+        g_top_sq = jnp.sum(jnp.square(V @ g))
+        row = {
+            "eigenvalues": result.eigenvalues,
+            "residuals": result.residuals,
+            "num_matvecs": result.num_matvecs,
+            "chi_1": subspace.subspace_fraction(g, V[:1]),
+            "chi_k": subspace.subspace_fraction(g, V),
+            "grad_norm_top": jnp.sqrt(g_top_sq),
+            "grad_norm_bulk": jnp.sqrt(jnp.maximum(g_sq - g_top_sq, 0.0)),
+        }
+        if track_gn:
+            gauss_newton = flat_product(objective.gnvp_fn, params, data)
+            residual = lambda v: hessian(v) - gauss_newton(v)
+            gn = top_k(gauss_newton, v0)
+            res = top_k(residual, v0)
+            row["gn_eigenvalues"] = gn.eigenvalues
+            row["residual_eigenvalues"] = res.eigenvalues
+            row["num_matvecs"] = row["num_matvecs"] + gn.num_matvecs + 2 * res.num_matvecs
+        return row, V
+
+    return jax.jit(track)
+
+
+def make_density(objective: Objective, *, num_probes: int, num_iters: int, grid_size: int = 400):
+    """Returns jitted `density(params, data, key, lo, hi)` → SLQ snapshot on [lo, hi]."""
+
+    def density(params, data, key, lo, hi):
+        hessian = flat_product(objective.hvp_fn, params, data)
+        v0 = ravel_pytree(params)[0]
+        grid = jnp.linspace(lo, hi, grid_size)
+        sigma = (hi - lo) / 100.0
+        result = curvature.slq_density(hessian, v0, key, num_probes, num_iters, grid, sigma)
+        return grid, result
+    return jax.jit(density)

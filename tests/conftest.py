@@ -1,0 +1,26 @@
+"""Shared test set-up: an isolated dataset cache and helpers to run the drivers."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _dataset_cache(tmp_path_factory):
+    # Generated datasets are cached per test session, never in the user's cache.
+    if "LOSSLAND_CACHE" not in os.environ:
+        os.environ["LOSSLAND_CACHE"] = str(tmp_path_factory.mktemp("lossland_cache"))
+
+
+def run_module(module: str, *args: str, timeout: float = 600, env_extra=None):
+    """Runs `python -m module args...` from the repo root; returns CompletedProcess."""
+    env = dict(os.environ, **(env_extra or {}))
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
