@@ -78,6 +78,28 @@ def define_run_flags(**default_overrides) -> None:
                          "Gauss–Newton part G = JᵀH_outJ and of the residual H − G.")
     flags.DEFINE_integer("density_every", d.density_every, "Stochastic-Lanczos spectral density "
                          "snapshot every this many steps (0 = off).", lower_bound=0)
+    # Edge-of-stability stop, probes and projections
+    flags.DEFINE_integer("eos_hold_steps", d.eos_hold_steps, "Stop once λ1·lr/2 ≥ "
+                         "--eos_threshold has held for this many steps (0 = run all --steps).",
+                         lower_bound=0)
+    flags.DEFINE_float("eos_threshold", d.eos_threshold, "Stability ratio that counts as the "
+                       "edge of stability for --eos_hold_steps.")
+    flags.DEFINE_integer("probe_every", d.probe_every, "Line probes (v1, gradient, last step, "
+                         "random) every this many steps and at the end (0 = off); a multiple of "
+                         "--track_every.", lower_bound=0)
+    flags.DEFINE_float("probe_s_max", d.probe_s_max, "Probe the line θ + s·u for |s| ≤ this.")
+    flags.DEFINE_integer("probe_points", d.probe_points, "Grid points per probe line.",
+                         lower_bound=5)
+    flags.DEFINE_integer("num_random_directions", d.num_random_directions, "Random unit "
+                         "directions probed as controls.", lower_bound=0)
+    flags.DEFINE_enum("projection", d.projection, list(config_lib.PROJECTIONS), "Train on the "
+                      "dominant top-k Hessian subspace only (dom), without it (bulk), or plain.")
+    flags.DEFINE_integer("projection_k", d.projection_k, "k of the projected subspace.",
+                         lower_bound=0)
+    flags.DEFINE_integer("refresh_every", d.refresh_every, "Recompute the projected subspace "
+                         "every this many steps.", lower_bound=1)
+    flags.DEFINE_integer("switch_step", d.switch_step, "Project only from this step on.",
+                         lower_bound=0)
     _register_validators()
 
 

@@ -16,6 +16,7 @@ from lossland import losses, models
 from lossland import train as train_lib
 
 DTYPES = ("float32", "float64")
+PROJECTIONS = ("none", "dom", "bulk")
 
 
 class ConfigError(ValueError):
@@ -60,6 +61,19 @@ class RunConfig:
     lanczos_tol: float = 1e-3
     track_gn: bool = False
     density_every: int = 0       # 0 = off
+    # stopping at the edge of stability (dataset-size sweeps)
+    eos_hold_steps: int = 0      # stop once λ1·lr/2 ≥ eos_threshold held this many steps (0 = off)
+    eos_threshold: float = 0.9
+    # singularity probes (claims C1, C2)
+    probe_every: int = 0         # 0 = off; a multiple of track_every
+    probe_s_max: float = 0.05
+    probe_points: int = 41
+    num_random_directions: int = 2
+    # subspace-projected training (claim C4)
+    projection: str = "none"     # none | dom | bulk
+    projection_k: int = 10
+    refresh_every: int = 10
+    switch_step: int = 0
 
     def replace(self, **changes) -> "RunConfig":
         return dataclasses.replace(self, **changes)
@@ -113,5 +127,24 @@ def validate(cfg: RunConfig) -> None:
              f"must be >= --track_k={cfg.track_k}")
     _require(cfg.lanczos_tol >= 0, "lanczos_tol", cfg.lanczos_tol, "must be >= 0 (0 = no early stop)")
     _require(cfg.density_every >= 0, "density_every", cfg.density_every, "must be >= 0 (0 = off)")
+    _require(cfg.eos_hold_steps >= 0, "eos_hold_steps", cfg.eos_hold_steps, "must be >= 0 (0 = off)")
+    if cfg.eos_hold_steps:
+        _require(cfg.track_every > 0, "eos_hold_steps", cfg.eos_hold_steps,
+                 "stopping at the edge of stability needs the sharpness", "Set --track_every > 0.")
+    _require(0 < cfg.eos_threshold, "eos_threshold", cfg.eos_threshold, "must be > 0")
+    _require(cfg.probe_every >= 0, "probe_every", cfg.probe_every, "must be >= 0 (0 = off)")
+    if cfg.probe_every:
+        _require(cfg.track_every > 0 and cfg.probe_every % cfg.track_every == 0, "probe_every",
+                 cfg.probe_every, f"probes use the tracked top eigenvector, so --probe_every must "
+                 f"be a multiple of --track_every={cfg.track_every} (> 0)")
+    _require(cfg.probe_s_max > 0, "probe_s_max", cfg.probe_s_max, "must be > 0")
+    _require(cfg.probe_points >= 5, "probe_points", cfg.probe_points, "must be >= 5")
+    _require(cfg.num_random_directions >= 0, "num_random_directions", cfg.num_random_directions,
+             "must be >= 0")
+    _require(cfg.projection in PROJECTIONS, "projection", cfg.projection,
+             f"choose one of {list(PROJECTIONS)}")
+    _require(cfg.projection_k >= 0, "projection_k", cfg.projection_k, "must be >= 0")
+    _require(cfg.refresh_every >= 1, "refresh_every", cfg.refresh_every, "must be >= 1")
+    _require(cfg.switch_step >= 0, "switch_step", cfg.switch_step, "must be >= 0")
     _require(not (cfg.overwrite and cfg.resume), "resume", cfg.resume,
              "--resume and --overwrite are exclusive", "Pick one.")

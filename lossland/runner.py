@@ -78,7 +78,7 @@ def enable_dtype(dtype_name: str):
     return jnp.float32
 
 
-def build_experiment(cfg: config_lib.RunConfig, projection=None) -> Experiment:
+def build_experiment(cfg: config_lib.RunConfig) -> Experiment:
     """Loads data and builds model, objective, optimizer and the jitted step.
 
     Raises ConfigError / DataError before any file is written.
@@ -99,10 +99,21 @@ def build_experiment(cfg: config_lib.RunConfig, projection=None) -> Experiment:
                                  dtype=dtype), mesh)
     objective = objective_lib.Objective(model.apply, losses.per_example_loss(cfg.loss), full_data)
     optimizer = train_lib.make_optimizer(cfg.optimizer, cfg.lr, momentum=cfg.momentum,
-                                         extra=projection)
+                                         extra=_make_projection(cfg))
     train_step = train_lib.make_train_step(objective, optimizer)
     return Experiment(cfg=cfg, x=x, y=y, model=model, objective=objective, optimizer=optimizer,
                       train_step=train_step, dtype=dtype, mesh=mesh)
+
+
+def _make_projection(cfg: config_lib.RunConfig):
+    """The Dom/Bulk projection transformation for cfg.projection, or None."""
+    if cfg.projection == "none":
+        return None
+    from lossland import projections  # imported only when projecting
+    return projections.make_projection(cfg.projection, k=cfg.projection_k,
+                                       refresh_every=cfg.refresh_every,
+                                       switch_step=cfg.switch_step,
+                                       num_iters=cfg.lanczos_iters, seed=cfg.seed)
 
 
 class _SignalFlag:
@@ -206,33 +217,38 @@ def _loop(exp: Experiment, workdir: Path, state, progress_enabled: bool) -> RunR
     objective, data = exp.objective, exp.objective.data
     manager = checkpoints.CheckpointManager(workdir)
     tracker = (tracking_lib.make_tracker(objective, k=cfg.track_k, num_iters=cfg.lanczos_iters,
-                                         tol=cfg.lanczos_tol, track_gn=cfg.track_gn)
+                                         tol=cfg.lanczos_tol, track_gn=cfg.track_gn, lr=cfg.lr)
                if cfg.track_every else None)
+    prober = _make_prober(objective, cfg) if cfg.probe_every else None
     sgd_batches = (sharding.MinibatchSource(exp.x, exp.y, cfg, exp.dtype, exp.mesh)
                    if cfg.optimizer not in train_lib.FULL_BATCH_OPTIMIZERS else None)
     base_key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
     progress = _Progress(cfg.steps, int(state.step), progress_enabled)
-    params, opt_state, eigvecs = state.params, state.opt_state, state.eigvecs
-    has_eigvecs = bool(state.has_eigvecs)
-    last_lambda1 = float(state.last_lambda1) if has_eigvecs else None
     t0 = time.time() - float(state.wall_time)
-    last_row: dict = {}
 
-    def checkpoint(step):
-        manager.save(checkpoints.TrainState(
-            step=step, params=params, opt_state=opt_state, eigvecs=eigvecs,
-            has_eigvecs=has_eigvecs, last_lambda1=last_lambda1 or 0.0,
-            wall_time=time.time() - t0))
+    def save(state):
+        manager.save(state.replace(wall_time=time.time() - t0))
 
-    def track(step):
-        nonlocal eigvecs, has_eigvecs, last_lambda1
+    def measure(state, step) -> tuple[dict, Any]:
+        """Tracked (and probed) quantities at θ_step; returns the row part and the new state."""
         start = time.time()
         key = jax.random.fold_in(base_key, step)
-        row_arrays, vectors = tracker(params, data, key, eigvecs if has_eigvecs else None)
+        row_arrays, vectors = tracker(state.params, data, key,
+                                      state.eigvecs if state.has_eigvecs else None)
         row = _tracked_row(row_arrays, cfg.lr)
+        state = state.replace(eigvecs=vectors, has_eigvecs=True, last_lambda1=row["eigenvalues"][0],
+                              cum_delta_top=state.cum_delta_top + row["delta_loss_top"],
+                              cum_delta_bulk=state.cum_delta_bulk + row["delta_loss_bulk"])
+        row["cum_delta_top"] = float(state.cum_delta_top)
+        row["cum_delta_bulk"] = float(state.cum_delta_bulk)
+        ratio_ok = row["stability_ratio"] >= cfg.eos_threshold
+        state = state.replace(eos_since=(state.eos_since if state.eos_since >= 0 else step)
+                              if ratio_ok else -1)
+        if prober is not None and step % cfg.probe_every == 0:
+            row.update(prober(state.params, data, vectors[0], state.displacement,
+                              jax.random.fold_in(key, 1)))
         row["track_time"] = time.time() - start
-        eigvecs, has_eigvecs, last_lambda1 = vectors, True, row["eigenvalues"][0]
-        return row
+        return row, state
 
     def finish(status, step, row_extra, message=""):
         row = {"step": step, "status": status, "wall_time": time.time() - t0, **row_extra}
@@ -240,38 +256,49 @@ def _loop(exp: Experiment, workdir: Path, state, progress_enabled: bool) -> RunR
         progress.update(step, row.get("loss", float("nan")), force=True)
         return RunResult(status=status, step=step, workdir=workdir, last_row=row, message=message)
 
+    last_row: dict = {}
     with records.MetricsWriter(workdir / records.METRICS_FILE) as writer, _SignalFlag() as signals:
-        step = int(state.step)
+        first_step = step = int(state.step)
         while True:
             if signals.signum is not None:
-                checkpoint(step)
+                save(state)
                 manager.wait()
                 name = signal.Signals(signals.signum).name
                 result = finish(STATUS_INTERRUPTED, step, {},
                                 f"interrupted by {name} at step {step}; checkpoint saved. "
                                 f"Continue with --resume --workdir={workdir}.")
                 break
-            if step > int(state.step) and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                checkpoint(step)
-            if step == cfg.steps:
+            if step > first_step and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                save(state)
+            held = (cfg.eos_hold_steps and state.eos_since >= 0
+                    and step - state.eos_since >= cfg.eos_hold_steps)
+            if step == cfg.steps or held:
                 # Checkpoint before the final tracking, whose eigenvectors must not
                 # become the warm start of a run that resumes with more --steps.
-                checkpoint(step)
-                loss, accuracy, grad = objective.loss_accuracy_grad(params)
+                save(state)
+                loss, accuracy, grad = objective.loss_accuracy_grad(state.params)
                 final = {"loss": float(loss), "accuracy": float(accuracy),
                          "grad_norm": float(train_lib.tree_norm(grad)),
-                         "param_norm": float(train_lib.tree_norm(params))}
+                         "param_norm": float(train_lib.tree_norm(state.params)),
+                         "stop_reason": "eos_hold" if held else "max_steps"}
                 if tracker is not None:
-                    final.update(track(step))
+                    final.update(measure(state, step)[0])
+                    if prober is None:
+                        pass
+                    elif "valley_distance" not in final:  # probes also run at the very end
+                        final.update(prober(state.params, data, state.eigvecs[0],
+                                            state.displacement,
+                                            jax.random.fold_in(base_key, step + 1)))
                 result = finish(STATUS_FINISHED, step, final)
                 break
 
             batch = data if sgd_batches is None else sgd_batches.batch(step)
-            new_params, new_opt_state, metrics = exp.train_step(params, opt_state, batch)
+            new_params, new_opt_state, metrics = exp.train_step(state.params, state.opt_state,
+                                                                batch)
             row = {"step": step, **_scalars(metrics), "lr": cfg.lr}
             if sgd_batches is not None and _should_log(step, cfg):
                 row["batch_loss"], row["batch_accuracy"] = row["loss"], row["accuracy"]
-                loss, accuracy, grad = objective.loss_accuracy_grad(params)
+                loss, accuracy, grad = objective.loss_accuracy_grad(state.params)
                 row.update(loss=float(loss), accuracy=float(accuracy),
                            grad_norm=float(train_lib.tree_norm(grad)))
             diverged_at = None
@@ -280,18 +307,23 @@ def _loop(exp: Experiment, workdir: Path, state, progress_enabled: bool) -> RunR
             elif not _is_finite_tree(new_params):
                 diverged_at = step + 1
             if diverged_at is None and tracker is not None and step % cfg.track_every == 0:
-                row.update(track(step))
+                tracked, state = measure(state, step)
+                row.update(tracked)
             if _should_log(step, cfg) or diverged_at is not None:
                 row["wall_time"] = time.time() - t0
                 writer.write(row)
                 last_row = row
             if diverged_at is not None:
                 manager.wait()
-                message = _divergence_message(diverged_at, row, last_lambda1, cfg.lr,
+                lambda1 = float(state.last_lambda1) if state.has_eigvecs else None
+                message = _divergence_message(diverged_at, row, lambda1, cfg.lr,
                                               manager.latest_step())
                 result = finish(STATUS_DIVERGED, diverged_at, {}, message)
                 break
-            params, opt_state = new_params, new_opt_state
+            displacement = (ravel_pytree(new_params)[0] - ravel_pytree(state.params)[0]
+                            if prober is not None else state.displacement)
+            state = state.replace(step=step + 1, params=new_params, opt_state=new_opt_state,
+                                  displacement=displacement)
             step += 1
             progress.update(step, row["loss"], _progress_extra(last_row))
     manager.wait()
@@ -299,6 +331,12 @@ def _loop(exp: Experiment, workdir: Path, state, progress_enabled: bool) -> RunR
     if result.message:
         print(result.message, file=sys.stderr)
     return result
+
+
+def _make_prober(objective, cfg):
+    from lossland import probes  # imported only when probing is on
+    return probes.make_prober(objective, s_max=cfg.probe_s_max, num_points=cfg.probe_points,
+                              num_random_directions=cfg.num_random_directions)
 
 
 def _should_log(step: int, cfg: config_lib.RunConfig) -> bool:

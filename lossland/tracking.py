@@ -11,7 +11,6 @@ At a tracked step the tracker computes, at the current params θ_t:
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import jax
@@ -29,7 +28,7 @@ def flat_product(product, params, data):
 
 
 def make_tracker(objective: Objective, *, k: int, num_iters: int, tol: Optional[float],
-                 track_gn: bool):
+                 track_gn: bool, lr: float):
     """Returns jitted `track(params, data, key, init_vectors) -> (row, eigenvectors)`.
 
     `init_vectors` is None (cold start) or the (k, P) eigenvectors of the
@@ -43,8 +42,10 @@ def make_tracker(objective: Objective, *, k: int, num_iters: int, tol: Optional[
                                        init_vectors=init_vectors)
 
     def track(params, data, key, init_vectors):
-        _, _, grad = objective.loss_accuracy_grad_fn(params, data)
-        g = ravel_pytree(grad)[0]
+        loss, _, grad = objective.loss_accuracy_grad_fn(params, data)
+        g, unravel = ravel_pytree(grad)
+        theta = ravel_pytree(params)[0]
+        loss_after = lambda step: objective.loss_fn(unravel(theta - lr * step), data) - loss
         v0 = jax.random.normal(key, g.shape, g.dtype)
         hessian = flat_product(objective.hvp_fn, params, data)
         result = top_k(hessian, v0, init_vectors)
@@ -59,6 +60,9 @@ def make_tracker(objective: Objective, *, k: int, num_iters: int, tol: Optional[
             "chi_k": subspace.subspace_fraction(g, V),
             "grad_norm_top": jnp.sqrt(g_top_sq),
             "grad_norm_bulk": jnp.sqrt(jnp.maximum(g_sq - g_top_sq, 0.0)),
+            "delta_loss_full": loss_after(g),
+            "delta_loss_top": loss_after(subspace.project_onto(g, V)),
+            "delta_loss_bulk": loss_after(subspace.project_out(g, V)),
         }
         if track_gn:
             gauss_newton = flat_product(objective.gnvp_fn, params, data)
