@@ -127,6 +127,11 @@ def validate(cfg: RunConfig) -> None:
              f"must be >= --track_k={cfg.track_k}")
     _require(cfg.lanczos_tol >= 0, "lanczos_tol", cfg.lanczos_tol, "must be >= 0 (0 = no early stop)")
     _require(cfg.density_every >= 0, "density_every", cfg.density_every, "must be >= 0 (0 = off)")
+    if cfg.density_every:
+        _require(cfg.track_every > 0 and cfg.density_every % cfg.track_every == 0,
+                 "density_every", cfg.density_every, "snapshots use the tracked λ1 for their "
+                 f"grid, so --density_every must be a multiple of --track_every="
+                 f"{cfg.track_every} (> 0)")
     _require(cfg.eos_hold_steps >= 0, "eos_hold_steps", cfg.eos_hold_steps, "must be >= 0 (0 = off)")
     if cfg.eos_hold_steps:
         _require(cfg.track_every > 0, "eos_hold_steps", cfg.eos_hold_steps,

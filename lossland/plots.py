@@ -17,7 +17,6 @@ import numpy as np  # noqa: E402
 
 from lossland import records  # noqa: E402
 
-DENSITY_FILE = "density.jsonl"
 
 
 def _lr(workdir: Path) -> float | None:
@@ -120,7 +119,7 @@ def plot_chi(rows, path: Path) -> Path:
 
 
 def read_density(workdir: Path) -> list[dict]:
-    path = Path(workdir) / DENSITY_FILE
+    path = Path(workdir) / records.DENSITY_FILE
     return records.read_metrics(path) if path.exists() else []
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
+DENSITY_FILE = "density.jsonl"   # SLQ spectral-density snapshots, one row per snapshot
 CHECKPOINT_DIR = "checkpoints"
 PLOTS_DIR = "plots"
 
@@ -131,19 +132,25 @@ def to_jsonable(value: Any) -> Any:
 
 
 class MetricsWriter:
-    """Appends rows to metrics.jsonl; each row is flushed and fsynced."""
+    """Appends rows to a .jsonl file; each row is flushed and fsynced.
+
+    The file is opened on the first write, so a writer that never writes
+    leaves no empty file behind.
+    """
 
     def __init__(self, path: Path):
         self.path = path
-        self._file = open(path, "a")
+        self._file = None
 
     def write(self, row: dict) -> None:
+        if self._file is None:
+            self._file = open(self.path, "a")
         self._file.write(json.dumps(to_jsonable(row), allow_nan=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
 
     def close(self) -> None:
-        if not self._file.closed:
+        if self._file is not None and not self._file.closed:
             self._file.close()
 
     def __enter__(self):
@@ -172,7 +179,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     return rows
 
 
-def truncate_metrics_before(path: Path, step: int) -> list[dict]:
+def truncate_rows_before(path: Path, step: int) -> list[dict]:
     """Keeps only the rows with step < `step` and no final status; returns them.
 
     Used by resume from a checkpoint at `step`: rows from that step on are

@@ -38,6 +38,7 @@ from lossland import tracking as tracking_lib
 STATUS_FINISHED, STATUS_DIVERGED, STATUS_INTERRUPTED = "finished", "diverged", "interrupted"
 EXIT_CODES = {STATUS_FINISHED: 0, STATUS_DIVERGED: 3, STATUS_INTERRUPTED: 130}
 TIMING_KEYS = ("wall_time", "track_time")
+DENSITY_PROBES, DENSITY_ITERS = 4, 80  # SLQ snapshot: probes × Lanczos steps each
 
 
 @dataclasses.dataclass
@@ -192,6 +193,34 @@ def run(cfg: config_lib.RunConfig, *, progress: bool = True,
     return _loop(exp, workdir, state, progress)
 
 
+def run_status(workdir: str | Path) -> Optional[str]:
+    """The final status of the run in `workdir`, or None if it never ended (or never began)."""
+    path = Path(workdir) / records.METRICS_FILE
+    if not path.exists():
+        return None
+    rows = records.read_metrics(path)
+    return rows[-1].get("status") if rows else None
+
+
+def ensure_run(cfg: config_lib.RunConfig, *, progress: bool = True) -> RunResult:
+    """Runs cfg unless its workdir already holds a finished run; resumes a partial one.
+
+    This is what sweeps use so that a rerun skips completed grid points and
+    continues interrupted ones, unless cfg.overwrite.
+    """
+    workdir = Path(cfg.workdir)
+    status = None if cfg.overwrite else run_status(workdir)
+    if status == STATUS_FINISHED:
+        rows = records.read_metrics(workdir)
+        return RunResult(status=status, step=rows[-1]["step"], workdir=workdir,
+                         last_row=rows[-1], message="already finished; skipped")
+    has_checkpoint = (workdir / records.CHECKPOINT_DIR).exists() and any(
+        p.name.isdigit() for p in (workdir / records.CHECKPOINT_DIR).iterdir())
+    resume = not cfg.overwrite and has_checkpoint and status in (None, STATUS_INTERRUPTED)
+    overwrite = cfg.overwrite or (workdir.exists() and not resume)
+    return run(cfg.replace(resume=resume, overwrite=overwrite), progress=progress)
+
+
 def _resume(workdir: Path, cfg: config_lib.RunConfig, template):
     saved = records.read_config_flags(workdir)
     ignored = {"resume", "overwrite", "steps", "workdir"}
@@ -207,7 +236,9 @@ def _resume(workdir: Path, cfg: config_lib.RunConfig, template):
     if state is None:
         raise records.WorkdirError(f"--resume: no checkpoint in {workdir / records.CHECKPOINT_DIR}; "
                                    "the run cannot be resumed. Start afresh with --overwrite.")
-    records.truncate_metrics_before(workdir / records.METRICS_FILE, int(state.step))
+    for name in (records.METRICS_FILE, records.DENSITY_FILE):
+        if (workdir / name).exists():
+            records.truncate_rows_before(workdir / name, int(state.step))
     print(f"resuming {workdir} from step {int(state.step)}", file=sys.stderr)
     return state
 
@@ -220,6 +251,9 @@ def _loop(exp: Experiment, workdir: Path, state, progress_enabled: bool) -> RunR
                                          tol=cfg.lanczos_tol, track_gn=cfg.track_gn, lr=cfg.lr)
                if cfg.track_every else None)
     prober = _make_prober(objective, cfg) if cfg.probe_every else None
+    density = (tracking_lib.make_density(objective, num_probes=DENSITY_PROBES,
+                                         num_iters=DENSITY_ITERS)
+               if cfg.density_every else None)
     sgd_batches = (sharding.MinibatchSource(exp.x, exp.y, cfg, exp.dtype, exp.mesh)
                    if cfg.optimizer not in train_lib.FULL_BATCH_OPTIMIZERS else None)
     base_key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
@@ -244,6 +278,11 @@ def _loop(exp: Experiment, workdir: Path, state, progress_enabled: bool) -> RunR
         ratio_ok = row["stability_ratio"] >= cfg.eos_threshold
         state = state.replace(eos_since=(state.eos_since if state.eos_since >= 0 else step)
                               if ratio_ok else -1)
+        if density is not None and step % cfg.density_every == 0:
+            snapshot = density(state.params, data, jax.random.fold_in(key, 2),
+                               max(float(state.last_lambda1), 1e-3))
+            density_writer.write({"step": step, **{name: np.asarray(value).tolist() for name, value
+                                                    in snapshot._asdict().items()}})
         if prober is not None and step % cfg.probe_every == 0:
             row.update(prober(state.params, data, vectors[0], state.displacement,
                               jax.random.fold_in(key, 1)))
@@ -257,7 +296,9 @@ def _loop(exp: Experiment, workdir: Path, state, progress_enabled: bool) -> RunR
         return RunResult(status=status, step=step, workdir=workdir, last_row=row, message=message)
 
     last_row: dict = {}
-    with records.MetricsWriter(workdir / records.METRICS_FILE) as writer, _SignalFlag() as signals:
+    with records.MetricsWriter(workdir / records.METRICS_FILE) as writer, \
+            records.MetricsWriter(workdir / records.DENSITY_FILE) as density_writer, \
+            _SignalFlag() as signals:
         first_step = step = int(state.step)
         while True:
             if signals.signum is not None:

@@ -77,14 +77,19 @@ def make_tracker(objective: Objective, *, k: int, num_iters: int, tol: Optional[
     return jax.jit(track)
 
 
-def make_density(objective: Objective, *, num_probes: int, num_iters: int, grid_size: int = 400):
-    """Returns jitted `density(params, data, key, lo, hi)` → SLQ snapshot on [lo, hi]."""
+def make_density(objective: Objective, *, num_probes: int, num_iters: int,
+                 grid_size: int = 400):
+    """Returns jitted `density(params, data, key, scale)`: an SLQ snapshot of the Hessian.
 
-    def density(params, data, key, lo, hi):
+    The grid spans [−0.25·scale, 1.05·scale] with broadening σ = scale/100,
+    where `scale` is the current λ1 (the driver passes the tracked value), so
+    snapshots along a trajectory share the resolution of the spectrum's edge.
+    """
+
+    def density(params, data, key, scale):
         hessian = flat_product(objective.hvp_fn, params, data)
         v0 = ravel_pytree(params)[0]
-        grid = jnp.linspace(lo, hi, grid_size)
-        sigma = (hi - lo) / 100.0
-        result = curvature.slq_density(hessian, v0, key, num_probes, num_iters, grid, sigma)
-        return grid, result
+        grid = jnp.linspace(-0.25 * scale, 1.05 * scale, grid_size)
+        return curvature.slq_density(hessian, v0, key, num_probes, num_iters, grid, scale / 100.0)
+
     return jax.jit(density)
