@@ -31,3 +31,5 @@ bench: install
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+reproduce: install
+	$(PY) -m experiments.reproduce --preset=quick

@@ -267,8 +267,9 @@ def _loop(exp: Experiment, workdir: Path, state, progress_enabled: bool) -> RunR
         """Tracked (and probed) quantities at θ_step; returns the row part and the new state."""
         start = time.time()
         key = jax.random.fold_in(base_key, step)
-        row_arrays, vectors = tracker(state.params, data, key,
-                                      state.eigvecs if state.has_eigvecs else None)
+        # Before the first tracked step eigvecs is all zeros, which lanczos_top_k
+        # treats as a cold start; always passing an array keeps one compilation.
+        row_arrays, vectors = tracker(state.params, data, key, state.eigvecs)
         row = _tracked_row(row_arrays, cfg.lr)
         state = state.replace(eigvecs=vectors, has_eigvecs=True, last_lambda1=row["eigenvalues"][0],
                               cum_delta_top=state.cum_delta_top + row["delta_loss_top"],

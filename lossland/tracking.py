@@ -31,8 +31,8 @@ def make_tracker(objective: Objective, *, k: int, num_iters: int, tol: Optional[
                  track_gn: bool, lr: float):
     """Returns jitted `track(params, data, key, init_vectors) -> (row, eigenvectors)`.
 
-    `init_vectors` is None (cold start) or the (k, P) eigenvectors of the
-    previous tracked step. The returned `row` is a dict of arrays that the
+    `init_vectors` is the (k, P) eigenvectors of the previous tracked step, or
+    zeros (a cold start from the random `key` vector). The returned `row` is a dict of arrays that the
     driver writes into metrics.jsonl.
     """
     tol = tol or None

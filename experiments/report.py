@@ -1,0 +1,217 @@
+"""REPORT.md from the records of `experiments.reproduce`, and the C3 verdict.
+
+Every number and verdict line in the report is read from, or computed from,
+the records the experiments wrote (summary.json, metrics.jsonl, verdict.md,
+COMPLETE.json). Nothing is typed in by hand, and the C3 rules are fixed here
+before any run:
+  * a run is "at the edge of stability" when the median of λ1·η/2 over the
+    last half of training lies in [0.9, 1.1];
+  * the gradient is "concentrated in the top eigenvector" when the median χ_1
+    over that half is ≥ 0.8;
+  * the Gauss–Newton part "carries the sharpness" when the median of
+    λ1(G)/λ1(H) over the last half is ≥ 0.9.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lossland import records, verdicts
+
+EOS_BAND = (0.9, 1.1)
+CHI1_CONCENTRATED = 0.8
+GN_CARRIES = 0.9
+
+REPORT_FILE = "REPORT.md"
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _figure(path: Path, root: Path, caption: str) -> str:
+    if not path.exists():
+        return f"*(figure missing: {path.name})*"
+    return f"![{caption}]({os.path.relpath(path, root)})"
+
+
+def _demote(markdown: str) -> str:
+    """Drops a verdict file's title and pushes its headings one level down."""
+    lines = markdown.strip().splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]
+    return "\n".join("#" + line if line.startswith("#") else line for line in lines).strip()
+
+
+# ----------------------------------------------------------------------------
+# C3: edge of stability, χ_1, Gauss–Newton
+# ----------------------------------------------------------------------------
+
+def gn_summary(rows: list[dict]) -> dict | None:
+    """Medians over the last half of a --track_gn run: λ1 of H, of G, of H − G."""
+    tracked = [r for r in rows if "gn_eigenvalues" in r and "status" not in r]
+    if not tracked:
+        return None
+    last = max(r["step"] for r in tracked)
+    late = [r for r in tracked if r["step"] >= last / 2]
+    med = lambda f: float(np.median([f(r) for r in late]))
+    return {
+        "steps_tracked": len(tracked),
+        "lr": late[-1].get("lr"),
+        "median_lambda1_H": med(lambda r: r["eigenvalues"][0]),
+        "median_lambda1_G": med(lambda r: r["gn_eigenvalues"][0]),
+        "median_lambda1_residual": med(lambda r: r["residual_eigenvalues"][0]),
+        "median_gn_share": med(lambda r: r["gn_eigenvalues"][0] / r["eigenvalues"][0]),
+        "median_stability_ratio": med(lambda r: r["stability_ratio"]),
+    }
+
+
+def c3_verdict_lines(eos_summary: dict | None, gn: dict | None) -> list[str]:
+    """One verdict line per lr, and one for the Gauss–Newton split, from the numbers."""
+    lines = []
+    for run in (eos_summary or {}).get("runs", {}).values():
+        ratio, chi1 = run.get("median_stability_ratio_last_half"), run.get(
+            "median_chi_1_last_half")
+        if ratio is None:
+            lines.append(f"C3 η={run['lr']:g}: no tracked rows; nothing to judge.")
+            continue
+        at_edge = EOS_BAND[0] <= ratio <= EOS_BAND[1]
+        concentrated = chi1 is not None and chi1 >= CHI1_CONCENTRATED
+        entered = run.get("first_step_ratio_ge_0.9")
+        lines.append(
+            f"C3 η={run['lr']:g}: median λ1·η/2 over the last half = {verdicts.fmt(ratio, 3)} "
+            f"({'inside' if at_edge else 'outside'} [{EOS_BAND[0]}, {EOS_BAND[1]}]: "
+            f"{'at' if at_edge else 'not at'} the edge of stability); median χ_1 = "
+            f"{verdicts.fmt(chi1, 3)} ({'≥' if concentrated else '<'} {CHI1_CONCENTRATED}: "
+            f"gradient {'concentrated' if concentrated else 'not concentrated'} in v1); "
+            f"λ1·η/2 first ≥ 0.9 at step {entered if entered is not None else 'never'}.")
+    if gn:
+        carries = gn["median_gn_share"] >= GN_CARRIES
+        lines.append(
+            f"C3 Gauss–Newton split (η={gn['lr']}): over the last half, median λ1(H) = "
+            f"{verdicts.fmt(gn['median_lambda1_H'], 3)}, λ1(G) = "
+            f"{verdicts.fmt(gn['median_lambda1_G'], 3)}, λ1(H − G) = "
+            f"{verdicts.fmt(gn['median_lambda1_residual'], 3)}; λ1(G)/λ1(H) = "
+            f"{verdicts.fmt(gn['median_gn_share'], 3)}, so the Gauss–Newton part "
+            f"{'carries' if carries else 'does not carry'} the sharpness "
+            f"(rule: ratio ≥ {GN_CARRIES}).")
+    return lines
+
+
+def _eos_table(eos_summary: dict) -> str:
+    rows = []
+    for run in eos_summary.get("runs", {}).values():
+        rows.append([f"{run['lr']:g}", verdicts.fmt(run["two_over_lr"], 1), run["steps"],
+                     run.get("first_step_ratio_ge_0.9") if run.get(
+                         "first_step_ratio_ge_0.9") is not None else "never",
+                     verdicts.fmt(run.get("median_lambda1_last_half"), 2),
+                     verdicts.fmt(run.get("median_stability_ratio_last_half"), 3),
+                     verdicts.fmt(run.get("median_chi_1_last_half"), 3),
+                     verdicts.fmt(run.get("final_loss"), 4),
+                     verdicts.fmt(run.get("mean_matvecs_per_track"), 1)])
+    return verdicts.markdown_table(
+        ["η", "2/η", "steps", "first step λ1·η/2 ≥ 0.9", "median λ1 (last half)",
+         "median λ1·η/2", "median χ_1", "final loss", "matvecs/track"], rows)
+
+
+# ----------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------
+
+def _environment_section(root: Path) -> list[str]:
+    env = records.environment()
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+    return ["## Environment", "", f"- versions: {versions}",
+            f"- backend: {env['backend']}; devices: {', '.join(env['devices'])}",
+            f"- CPU cores: {os.cpu_count()}; git commit: {env['git_commit']}", ""]
+
+
+def _timing_section(root: Path, names: list[str], total_s: float | None) -> list[str]:
+    rows = []
+    for name in names:
+        marker = _read_json(root / name / "COMPLETE.json")
+        rows.append([name, verdicts.fmt(marker["wall_time_s"] / 60, 1) if marker else "not run",
+                     "`" + " ".join(marker["command"]) + "`" if marker else ""])
+    lines = ["## Wall time", "", verdicts.markdown_table(["experiment", "minutes", "command"], rows)]
+    if total_s is not None:
+        lines += ["", f"This invocation of `experiments.reproduce` took "
+                      f"{total_s / 60:.1f} minutes (experiments skipped as complete cost nothing)."]
+    return lines + [""]
+
+
+def _sweep_section(root: Path) -> list[str]:
+    lines = ["## C1 Formation and C2 Attraction (dataset-size sweeps)", ""]
+    for name, title in (("sweep_n", "MSE, relu and tanh"), ("sweep_ce", "cross-entropy control")):
+        folder = root / name
+        verdict = folder / "verdict.md"
+        lines += [f"### Sweep: {title}", ""]
+        if not verdict.exists():
+            lines += ["*(not run)*", ""]
+            continue
+        summary = _read_json(folder / "summary.json") or {}
+        if summary.get("setup"):
+            lines += [f"Setting: {summary['setup']}", ""]
+        lines += [_demote(verdict.read_text()), ""]
+        plots_dir = folder / "plots"
+        for png in sorted(plots_dir.glob("*.png")) if plots_dir.exists() else []:
+            lines.append(_figure(png, root, png.stem))
+        lines.append("")
+    return lines
+
+
+def _eos_section(root: Path) -> list[str]:
+    eos = _read_json(root / "eos" / "summary.json")
+    gn_dir = root / "gn"
+    gn = gn_summary(records.read_metrics(gn_dir)) if (gn_dir / records.METRICS_FILE).exists() \
+        else None
+    lines = ["## C3 Explanation: edge of stability, χ_1 and the Gauss–Newton split", ""]
+    if eos:
+        setting = eos.get("setting", {})
+        lines += [f"Setting: {setting.get('dataset')} n={setting.get('n_train')}, "
+                  f"{setting.get('model')} {setting.get('depth')}×{setting.get('width')} "
+                  f"{setting.get('activation')}, {setting.get('loss')}, full-batch GD; "
+                  f"top-{setting.get('track_k')} Lanczos every {setting.get('track_every')} "
+                  "steps, warm-started.", "", _eos_table(eos), "",
+                  _figure(root / "eos" / "sharpness.png", root, "sharpness against step"), ""]
+    else:
+        lines += ["*(edge-of-stability sweep not run)*", ""]
+    if gn:
+        lines += [_figure(gn_dir / "plots" / "spectrum.png", root,
+                          "top Hessian, Gauss–Newton and residual eigenvalues"), ""]
+    lines += ["### Verdict", ""] + [f"- {line}" for line in c3_verdict_lines(eos, gn)] + [""]
+    return lines
+
+
+def _subspace_section(root: Path) -> list[str]:
+    folder = root / "subspace"
+    lines = ["## C4 The top subspace is idle (Dom-GD and Bulk-GD)", ""]
+    verdict = folder / "verdict.md"
+    if not verdict.exists():
+        return lines + ["*(not run)*", ""]
+    lines += [_demote(verdict.read_text()), ""]
+    for png in sorted(folder.glob("*.png")):
+        lines.append(_figure(png, root, png.stem))
+    return lines + [""]
+
+
+def write_report(root: Path, preset: str, total_s: float | None = None) -> Path:
+    """Writes root/REPORT.md from whatever records the experiments left; returns its path."""
+    from experiments.reproduce import EXPERIMENTS
+
+    lines = [f"# lossland reproduction report ({preset} preset)", "",
+             f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} by `experiments.reproduce` from "
+             "the records under this folder. Every number and verdict below is computed from "
+             "those records; the rules behind each verdict are stated with it.", ""]
+    lines += _environment_section(root)
+    lines += _timing_section(root, EXPERIMENTS, total_s)
+    lines += _sweep_section(root)
+    lines += _eos_section(root)
+    lines += _subspace_section(root)
+    path = root / REPORT_FILE
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    return path

@@ -1,0 +1,308 @@
+"""Verdict text generated from numbers: scaling fits and claims C1, C2.
+
+Nothing here is hand-tuned to a result. Each sentence is a function of fitted
+numbers and of the fixed rules stated in this module and in the text it
+writes. The generic helpers (`interval_sign`, `describe_slope`,
+`describe_trend`, `markdown_table`) serve any experiment that fits a quantity
+against a control variable; `c1_verdict`, `c2_verdict` and `sweep_verdict`
+read the summary written by `experiments/sweep_n.py`.
+
+A fit dict, as used throughout, holds:
+  slope, ci_low, ci_high            the fitted slope and its confidence interval
+  tail_slope, tail_ci_low, tail_ci_high, tail_n_min
+                                    the same over the largest N only (may be NaN)
+  scale                             "log" (log–log fit: y ∝ N^slope) or
+                                    "linear" (y against log10 N: change per decade)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional, Sequence
+
+POSITIVE, NEGATIVE, INCLUDES_ZERO, UNDETERMINED = (
+    "positive", "negative", "includes_zero", "undetermined")
+
+# C2: "close to the valley floor" means a late-training |s*| within this
+# fraction of the probe half-range s_max. A definition, fixed before any run.
+CLOSE_FRACTION = 0.1
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _number(x) -> float:
+    """None (how the records store NaN) and non-numbers → NaN."""
+    return float(x) if _finite(x) else float("nan")
+
+
+def interval_sign(low, high) -> str:
+    """Where an interval lies relative to 0: positive, negative, includes_zero or undetermined."""
+    if not (_finite(low) and _finite(high)):
+        return UNDETERMINED
+    if low > 0:
+        return POSITIVE
+    if high < 0:
+        return NEGATIVE
+    return INCLUDES_ZERO
+
+
+def fmt(x, digits: int = 2) -> str:
+    """A number for prose: fixed digits, a true minus sign, 'n/a' for None/NaN."""
+    if not _finite(x):
+        return "n/a"
+    if x != 0 and abs(x) >= 1e4:
+        text = f"{x:.{digits}e}"
+    elif x != 0 and abs(x) < 10 ** -digits:
+        text = f"{x:.{digits}g}"      # small: significant digits, not 0.00
+    else:
+        text = f"{x:.{digits}f}"
+    return text.replace("-", "−")
+
+
+def fmt_interval(low, high, digits: int = 2) -> str:
+    return f"[{fmt(low, digits)}, {fmt(high, digits)}]"
+
+
+def describe_slope(slope, low, high, *, variable: str = "N", scale: str = "log",
+                   confidence: float = 0.95) -> str:
+    """One clause: 'grows as N^0.41 [0.30, 0.52]; the 95% interval excludes 0'.
+
+    scale="log": the quantity ∝ variable^slope; scale="linear": the quantity
+    changes by `slope` per decade of the variable.
+    """
+    sign = interval_sign(low, high)
+    pct = f"{100 * confidence:.0f}%"
+    if scale == "log":
+        form = f"{variable}^{fmt(slope)} {fmt_interval(low, high)}"
+    else:
+        form = f"{'+' if _finite(slope) and slope >= 0 else ''}{fmt(slope)} per decade of " \
+               f"{variable} {fmt_interval(low, high)}"
+    if sign == UNDETERMINED:
+        if not _finite(slope):
+            return "cannot be fitted (too few finite values)"
+        return f"scales as {form}; no interval (too few seeds or points), so no trend is resolved" \
+            if scale == "log" else f"changes by {form}; no interval, so no trend is resolved"
+    verb = {POSITIVE: "grows", NEGATIVE: "falls", INCLUDES_ZERO: "shows no resolved trend"}[sign]
+    if scale == "log":
+        head = f"{verb} as {form}" if sign != INCLUDES_ZERO else f"{verb}: {form}"
+    else:
+        head = f"{verb}: {form}"
+    tail = "excludes 0" if sign in (POSITIVE, NEGATIVE) else "includes 0"
+    return f"{head}; the {pct} interval {tail}"
+
+
+def describe_trend(fit: dict, *, variable: str = "N", confidence: float = 0.95) -> tuple[str, str]:
+    """(reading, sentence) of a fit over the whole range and over its largest-N tail.
+
+    Readings, by fixed rule on the interval signs (full range, tail):
+      growing      full > 0 and tail > 0 (or no tail fit)
+      unresolved   full > 0, tail interval includes 0: growth or saturation at large N
+      saturating   full > 0, tail < 0: rises, then falls
+      flat         full interval includes 0
+      falling      full < 0
+      undetermined no interval
+    """
+    scale = fit.get("scale", "log")
+    full = interval_sign(fit.get("ci_low"), fit.get("ci_high"))
+    tail = interval_sign(fit.get("tail_ci_low"), fit.get("tail_ci_high"))
+    sentence = describe_slope(fit.get("slope"), fit.get("ci_low"), fit.get("ci_high"),
+                              variable=variable, scale=scale, confidence=confidence)
+    if tail != UNDETERMINED:
+        sentence += (f"; over the largest {variable} ({variable} ≥ {fit.get('tail_n_min')}) it " +
+                     describe_slope(fit.get("tail_slope"), fit.get("tail_ci_low"),
+                                    fit.get("tail_ci_high"), variable=variable, scale=scale,
+                                    confidence=confidence))
+    if full == POSITIVE:
+        reading = {POSITIVE: "growing", UNDETERMINED: "growing", INCLUDES_ZERO: "unresolved",
+                   NEGATIVE: "saturating"}[tail]
+    else:
+        reading = {NEGATIVE: "falling", INCLUDES_ZERO: "flat", UNDETERMINED: "undetermined"}[full]
+    return reading, sentence
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    cell = lambda c: str(c).replace("|", "\\|")    # a literal | would split the cell
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------
+# Claims C1 and C2 from a dataset-size sweep summary
+# ----------------------------------------------------------------------------
+
+C1_QUANTITIES = ("probe_max_grad_norm", "probe_max_curvature", "grad_norm")
+C1_READING_TEXT = {
+    "growing": "grows with N over the whole range and is still growing at the largest N: "
+               "consistent with C1",
+    "unresolved": "grows with N overall, but at the largest N the interval includes 0: the data "
+                  "cannot tell continued growth from saturation",
+    "saturating": "rises and then falls with N: saturation, not the unbounded growth C1 predicts",
+    "flat": "shows no growth with N (interval includes 0): not what C1 predicts",
+    "falling": "falls with N: against C1",
+    "undetermined": "cannot be judged (no interval: too few seeds or sizes)",
+}
+
+
+def _group_title(group: dict) -> str:
+    return " / ".join(str(group.get(k)) for k in ("dataset", "loss", "activation") if k in group)
+
+
+def _stop_note(group: dict) -> str:
+    runs, eos = group.get("num_runs", 0), group.get("num_eos", 0)
+    note = f"{eos} of {runs} runs held the edge of stability until stopped"
+    if eos < runs:
+        note += (f"; {runs - eos} stopped otherwise ({group.get('stop_reasons')}), so their "
+                 "iterates are not at the same stage of training")
+    return note
+
+
+def c1_verdict(summary: dict, quantities: Sequence[str] = C1_QUANTITIES) -> str:
+    """Markdown for claim C1: does the gradient (and curvature) near θ* grow with N?"""
+    conf = summary.get("confidence", 0.95)
+    labels = {k: v.get("label", k) for k, v in summary.get("quantities", {}).items()}
+    lines = ["## C1 Formation: does the largest gradient grow with the training-set size N?", "",
+             "C1 predicts growth without bound: a positive log–log slope against N whose "
+             f"{100 * conf:.0f}% interval excludes 0, still positive at the largest N. A smooth "
+             "landscape predicts saturation. Each interval is the hull of a bootstrap interval "
+             "over seeds (seeds resampled within each N) and the OLS t-interval of the per-N "
+             "means, so that neither seed noise nor scatter about the power law is ignored; the "
+             "tail fit repeats the fit over the largest N values.",
+             ""]
+    for key, group in summary.get("groups", {}).items():
+        lines.append(f"**{_group_title(group)}** ({_stop_note(group)}):")
+        for quantity in quantities:
+            fit = group.get("quantities", {}).get(quantity)
+            if not fit:
+                continue
+            reading, sentence = describe_trend(fit, confidence=conf)
+            lines.append(f"- {labels.get(quantity, quantity)} {sentence}. "
+                         f"Reading: {C1_READING_TEXT[reading]}.")
+        shape = group.get("shape")
+        if shape:
+            lines.append("- " + describe_local_shape(shape))
+        lines.append("")
+    lines.append(_c1_contrast(summary, quantities[0], labels))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def exponent_reading(exponent) -> str:
+    """The nearest reference behaviour of a |slope| exponent at s* (MISSION.md, fixed cuts):
+    > 0.5 smooth (reference 1), −0.25…0.5 kink (reference 0), < −0.25 diverging gradient."""
+    if not _finite(exponent):
+        return "undetermined"
+    if exponent > 0.5:
+        return "a smooth valley"
+    if exponent >= -0.25:
+        return "a kink"
+    return "a diverging gradient"
+
+
+def describe_local_shape(shape: dict) -> str:
+    """One sentence on the local shape along v1 at the final iterates (medians over runs)."""
+    slope_exp = shape.get("probe_v1_slope_exponent")
+    curv_exp = shape.get("probe_v1_curvature_exponent")
+    ratio = shape.get("probe_v1_quadratic_ratio")
+    text = (f"Local shape along v1 (medians over runs): |slope| ∝ |s − s*|^{fmt(slope_exp)}, "
+            f"nearest to {exponent_reading(slope_exp)} (1 smooth, 0 kink, < 0 diverging; cuts at "
+            f"0.5 and −0.25); curvature ∝ |s − s*|^{fmt(curv_exp)}; max ‖∇L‖ along v1 is "
+            f"{fmt(ratio)}× λ1·(s_max + |s*|), the value a quadratic valley of curvature λ1 gives")
+    if _finite(ratio):
+        text += (", so the largest probed gradient is " +
+                 ("what the sharpness alone predicts" if 0.8 <= ratio <= 1.25 else
+                  "not explained by the sharpness alone (outside 0.8–1.25×)"))
+    return text + "."
+
+
+def _c1_contrast(summary: dict, quantity: str, labels: dict) -> str:
+    """One sentence comparing the groups on the primary quantity (e.g. relu vs tanh)."""
+    parts = []
+    for group in summary.get("groups", {}).values():
+        fit = group.get("quantities", {}).get(quantity)
+        if fit:
+            interval = fmt_interval(fit.get("ci_low"), fit.get("ci_high"))
+            form = f"N^{fmt(fit.get('slope'))} {interval}"
+            sign = interval_sign(fit.get("ci_low"), fit.get("ci_high"))
+            excl = {POSITIVE: "excludes 0", NEGATIVE: "excludes 0", INCLUDES_ZERO: "includes 0",
+                    UNDETERMINED: "no interval"}[sign]
+            parts.append(f"{form} for {_group_title(group)} ({excl})")
+    if not parts:
+        return ""
+    return f"In short, {labels.get(quantity, quantity)} scales as " + "; ".join(parts) + "."
+
+
+def c2_verdict(summary: dict) -> str:
+    """Markdown for claim C2: does GD bring θ close to the valley floor along v1, and stay?"""
+    conf = summary.get("confidence", 0.95)
+    s_max = summary.get("probe_s_max")
+    lines = [
+        "## C2 Attraction: how far is the iterate from the valley floor along v1?", "",
+        "Definition (from the records): along the top Hessian eigenvector v1 at a probed step, "
+        "s* is the minimizer of L(θ + s v1) on [−s_max, s_max] (grid minimum refined by "
+        "bisection on the slope), and the valley distance is |s*|. Its late-training level is the "
+        "median of |s*| over the probed steps of the final stretch in which λ1·η/2 stayed ≥ the "
+        "edge-of-stability threshold, final iterate included (for a run that never held it: the "
+        "last quarter of its probed steps). When the minimum sits at ±s_max the floor is farther "
+        "and |s*| = s_max is a lower bound. We call the iterate close to the floor when the late "
+        f"level is ≤ {CLOSE_FRACTION:g}·s_max (s_max = {fmt(s_max, 3)}), a rule fixed in advance.",
+        ""]
+    for group in summary.get("groups", {}).values():
+        c2 = group.get("c2", {})
+        late, init = _number(c2.get("late_median")), _number(c2.get("init_median"))
+        fraction = late / s_max if _finite(s_max) and s_max > 0 else float("nan")
+        close = _finite(fraction) and fraction <= CLOSE_FRACTION
+        verdict = "close to the floor by our rule" if close else "not close by our rule"
+        late_edge = 100 * _number(c2.get("late_edge_fraction"))
+        init_edge = 100 * _number(c2.get("init_edge_fraction"))
+        text = (f"**{_group_title(group)}**: late |s*| median over runs {fmt(late, 3)} = "
+                f"{fmt(100 * fraction, 1)}% of s_max ({verdict}); floor beyond the probe range "
+                f"in {fmt(late_edge, 0)}% of late probes. At step 0 the median was "
+                f"{fmt(init, 3)} ({fmt(init_edge, 0)}% at the edge)")
+        if _finite(late) and _finite(init) and init > 0 and late > 0:
+            change = (f"shrank by a factor {fmt(init / late, 1)}" if late < init
+                      else f"grew by a factor {fmt(late / init, 1)}")
+            text += f", so the distance {change} during training"
+        fit = group.get("quantities", {}).get("valley_distance_late")
+        if fit:
+            reading, sentence = describe_trend(fit, confidence=conf)
+            text += f". Against N, the late |s*| {sentence}"
+        lines.append(text + ".")
+        lines.append("")
+    lr = summary.get("lr")
+    lrs = summary.get("lrs") or ([lr] if lr is not None else [])
+    if len(lrs) < 2:
+        lines.append(f"Scaling with η: this sweep ran a single η ({fmt(lr, 3)}); how the late "
+                     "level scales with η needs runs at several η and is not measured here.")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def quantity_table(summary: dict, *, digits: int = 2) -> str:
+    """Every fitted quantity of every group: slope, interval, tail slope."""
+    labels = summary.get("quantities", {})
+    rows = []
+    for group in summary.get("groups", {}).values():
+        for key, fit in group.get("quantities", {}).items():
+            unit = "N^a" if fit.get("scale", "log") == "log" else "per decade"
+            rows.append([_group_title(group), labels.get(key, {}).get("label", key), unit,
+                         fmt(fit.get("slope"), digits),
+                         fmt_interval(fit.get("ci_low"), fit.get("ci_high"), digits),
+                         fmt(fit.get("tail_slope"), digits),
+                         fmt_interval(fit.get("tail_ci_low"), fit.get("tail_ci_high"), digits),
+                         interval_sign(fit.get("ci_low"), fit.get("ci_high"))])
+    return markdown_table(["group", "quantity", "fit", "slope", "CI", "tail slope", "tail CI",
+                           "interval vs 0"], rows)
+
+
+def sweep_verdict(summary: dict, *, title: Optional[str] = None) -> str:
+    """The whole verdict.md of a dataset-size sweep."""
+    header = title or "# Dataset-size sweep: verdict"
+    setup = summary.get("setup", "")
+    parts = [header, "", "Generated from summary.json by lossland.verdicts; no sentence is "
+             "hand-written for a particular result.", ""]
+    if setup:
+        parts += [setup, ""]
+    parts += [c1_verdict(summary), c2_verdict(summary), "## All fitted quantities", "",
+              quantity_table(summary), ""]
+    return "\n".join(parts)

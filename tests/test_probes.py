@@ -1,0 +1,180 @@
+"""Line probes, valley floors and power-law fits on analytic functions and a tiny network."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from lossland import curvature, losses, models, objective as objective_lib, probes, records
+
+S_MAX = 0.5
+GRID = np.linspace(-S_MAX, S_MAX, 41)
+
+
+@pytest.fixture
+def x64():
+    # float64 only inside these tests: the other modules run in float32 in this process.
+    with jax.enable_x64(True):
+        yield
+
+
+# Analytic losses of a 2-D params pytree {"x", "y"}; the probes run along x.
+def quadratic(p):
+    return 1.5 * (p["x"] - 0.2) ** 2 + 0.5 * (p["x"] - 0.2) * p["y"] + p["y"] ** 2
+
+
+def kink(p):
+    return jnp.abs(p["x"] - 0.2) + p["y"] ** 2
+
+
+def cusp(p):
+    return jnp.sqrt(jnp.abs(p["x"] - 0.2)) + p["y"] ** 2
+
+
+def _point(x, y):
+    return {"x": jnp.asarray(x, jnp.float64), "y": jnp.asarray(y, jnp.float64)}
+
+
+X_DIR = {"x": jnp.asarray(3.0), "y": jnp.asarray(0.0)}   # not unit: the probe normalizes it
+
+
+@pytest.mark.parametrize("loss_fn,slope_exp,curv_exp", [
+    (quadratic, 1.0, 0.0), (kink, 0.0, None), (cusp, -0.5, -1.5)])
+def test_exponents_recovered_on_analytic_functions(x64, loss_fn, slope_exp, curv_exp):
+    params = _point(0.013, 0.0)
+    floor = probes.find_valley_floor(loss_fn, params, X_DIR, S_MAX)
+    assert bool(floor.bracketed) and not bool(floor.at_edge)
+    s_star = float(floor.s_star)
+    assert abs(s_star - (0.2 - 0.013)) < 1e-6
+    probe = probes.line_probe(loss_fn, params, X_DIR, GRID)
+    for fit in probes.side_fits(probe.s, probe.slope, s_star):
+        assert fit.num_points >= 10
+        assert abs(fit.exponent - slope_exp) < 0.05, fit
+    if curv_exp is not None:
+        for fit in probes.side_fits(probe.s, probe.curvature, s_star):
+            assert abs(fit.exponent - curv_exp) < 0.05, fit
+
+
+def test_valley_floor_of_shifted_quadratic_and_probe_values(x64):
+    # f(θ) = ½ (θ − m)ᵀ A (θ − m): along unit u from θ0, s* = uᵀA(m − θ0) / uᵀAu.
+    A = jnp.array([[3.0, 1.0], [1.0, 2.0]])
+    m = jnp.array([0.3, -0.1])
+    f = lambda theta: 0.5 * (theta - m) @ A @ (theta - m)
+    theta0 = jnp.array([0.05, 0.02])
+    u = jnp.array([1.0, 2.0]) / jnp.sqrt(5.0)
+    expected = float(u @ A @ (m - theta0) / (u @ A @ u))
+    floor = probes.find_valley_floor(f, theta0, jnp.array([1.0, 2.0]), S_MAX)
+    assert abs(float(floor.s_star) - expected) < 1e-6
+    assert abs(float(floor.slope)) < 1e-6
+    probe = probes.line_probe(f, theta0, jnp.array([1.0, 2.0]), GRID)
+    grads = jax.vmap(lambda s: A @ (theta0 + s * u - m))(jnp.asarray(GRID))
+    np.testing.assert_allclose(probe.loss, jax.vmap(lambda s: f(theta0 + s * u))(GRID), rtol=1e-12)
+    np.testing.assert_allclose(probe.slope, grads @ u, atol=1e-12)
+    np.testing.assert_allclose(probe.curvature, float(u @ A @ u), rtol=1e-12)
+    np.testing.assert_allclose(probe.grad_norm, jnp.linalg.norm(grads, axis=1), rtol=1e-12)
+    perp = grads - (grads @ u)[:, None] * u
+    np.testing.assert_allclose(probe.grad_norm_perp, jnp.linalg.norm(perp, axis=1), atol=1e-12)
+
+
+def test_one_dimensional_params_and_batched_evaluation_agree(x64):
+    f = lambda theta: jnp.sum(jnp.abs(theta - 0.1) ** 1.5)
+    theta = jnp.array([0.0])
+    full = probes.line_probe(f, theta, jnp.array([1.0]), GRID)
+    batched = probes.line_probe(f, theta, jnp.array([-2.0]), -GRID, batch_size=7)
+    # Direction −u on grid −s walks the same points: same loss, curvature and norms,
+    # slope of opposite sign.
+    np.testing.assert_allclose(full.s, -batched.s)
+    np.testing.assert_allclose(full.slope, -batched.slope, rtol=1e-12)
+    for name in ("loss", "curvature", "grad_norm", "grad_norm_perp"):
+        np.testing.assert_allclose(getattr(full, name), getattr(batched, name), rtol=1e-12,
+                                   atol=1e-15)
+    s_star = float(probes.find_valley_floor(f, theta, jnp.array([1.0]), S_MAX).s_star)
+    assert abs(s_star - 0.1) < 1e-6
+    for fit in probes.side_fits(full.s, full.slope, s_star):
+        assert abs(fit.exponent - 0.5) < 0.05
+
+
+def test_minimum_beyond_the_range_is_reported_at_the_edge(x64):
+    f = lambda theta: jnp.sum((theta - 5.0) ** 2)
+    floor = probes.find_valley_floor(f, jnp.zeros(2), jnp.array([1.0, 0.0]), S_MAX)
+    assert bool(floor.at_edge) and not bool(floor.bracketed)
+    assert float(floor.s_star) == pytest.approx(S_MAX)
+
+
+def test_fit_power_law_drops_bad_points_and_reports_range():
+    r = np.array([0.0, 0.01, 0.02, 0.04, 0.08, 0.16, -1.0, 0.32])
+    y = 2.0 * np.abs(r) ** 1.5
+    y[3] = 0.0          # dropped: y ≤ 0
+    y[4] = np.nan       # dropped: not finite
+    fit = probes.fit_power_law(r, y)
+    assert fit.num_points == 4 and fit.r_min == 0.01 and fit.r_max == 0.32
+    assert fit.exponent == pytest.approx(1.5) and fit.ci_low <= 1.5 <= fit.ci_high
+    assert np.exp(fit.intercept) == pytest.approx(2.0)
+    rng = np.random.default_rng(0)
+    r = np.geomspace(1e-3, 1e-1, 30)
+    noisy = probes.fit_power_law(r, r ** -0.5 * np.exp(0.05 * rng.normal(size=r.size)))
+    assert noisy.ci_low < -0.5 < noisy.ci_high and noisy.ci_high - noisy.ci_low < 0.1
+    two = probes.fit_power_law([1.0, 2.0], [1.0, 4.0])
+    assert two.exponent == pytest.approx(2.0) and np.isnan(two.ci_low)
+    assert np.isnan(probes.fit_power_law([1.0], [1.0]).exponent)
+
+
+def _tiny_objective(n=24, width=6, dtype=jnp.float32):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(n, 5)).astype(np.float32), rng.integers(0, 3, n).astype(np.int32)
+    model = models.build_model("mlp", (5,), 3, width=width, depth=1, activation="tanh",
+                               key=jax.random.key(0), dtype=dtype)
+    data = objective_lib.chunk_data(x, y, chunk_size=10, dtype=dtype)   # 3 chunks, padded
+    return model, objective_lib.Objective(model.apply, losses.per_example_loss("mse"), data)
+
+
+def test_probe_curvature_equals_hvp_on_a_network(x64):
+    model, objective = _tiny_objective(dtype=jnp.float64)
+    params = model.params
+    loss_fn = lambda p: objective.loss_fn(p, objective.data)
+    theta, unravel = ravel_pytree(params)
+    u = jax.random.normal(jax.random.key(3), theta.shape, theta.dtype)
+    u = u / jnp.linalg.norm(u)
+    probe = probes.line_probe(loss_fn, params, unravel(u), jnp.array([0.0, 0.1]))
+    @jax.jit
+    def reference(s):   # uᵀ H u through curvature.hvp, and ‖∇L‖, at θ + s u
+        point = unravel(theta + s * u)
+        hu = ravel_pytree(curvature.hvp(loss_fn, point, unravel(u)))[0]
+        return u @ hu, jnp.linalg.norm(ravel_pytree(jax.grad(loss_fn)(point))[0])
+
+    for k, s in enumerate((0.0, 0.1)):
+        curv, grad_norm = reference(s)
+        assert float(probe.curvature[k]) == pytest.approx(float(curv), rel=1e-10)
+        assert float(probe.grad_norm[k]) == pytest.approx(float(grad_norm), rel=1e-10)
+
+
+def test_prober_row_is_compact_json_and_consistent():
+    model, objective = _tiny_objective()
+    params = model.params
+    theta, unravel = ravel_pytree(params)
+    hessian = jax.jit(jax.hessian(lambda t: objective.loss_fn(unravel(t), objective.data)))(theta)
+    eigenvalues, eigenvectors = jnp.linalg.eigh(hessian)
+    v1 = eigenvectors[:, -1]
+    prober = probes.make_prober(objective, s_max=0.05, num_points=11, num_random_directions=2)
+    row = prober(params, objective.data, v1, jnp.zeros_like(theta), jax.random.key(0))
+    names = probes.direction_names(2)
+    assert names == ["v1", "grad", "disp", "rand0", "rand1"]
+    json.dumps(records.to_jsonable(row), allow_nan=False)
+    assert all(not isinstance(v, (list, tuple, np.ndarray, jax.Array)) for v in row.values())
+    assert row["valley_distance"] == abs(row["probe_v1_s_star"]) <= 0.05 + 1e-6
+    assert all(row[f"probe_disp_{k}"] is None for k in ("s_star", "max_grad_norm"))
+    assert row["probe_v1_curvature_at_0"] == pytest.approx(float(eigenvalues[-1]), rel=1e-3)
+    assert row["probe_v1_max_curvature"] >= row["probe_v1_curvature_at_0"] - 1e-6
+    g = ravel_pytree(objective.grad(params))[0]
+    assert row["probe_grad_max_grad_norm"] >= float(jnp.linalg.norm(g)) * 0.99
+    moved = prober(params, objective.data, v1, 0.01 * v1, jax.random.key(0))
+    assert moved["probe_disp_s_star"] == pytest.approx(moved["probe_v1_s_star"], abs=1e-6)
+    batched = probes.make_prober(objective, s_max=0.05, num_points=11, num_random_directions=2,
+                                 batch_size=4)(params, objective.data, v1, 0.01 * v1,
+                                               jax.random.key(0))
+    for key, value in moved.items():
+        if isinstance(value, float) and np.isfinite(value):
+            assert batched[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key

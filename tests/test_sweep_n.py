@@ -1,0 +1,175 @@
+"""The dataset-size sweep: scaling fits, verdicts that follow the numbers, and the smoke preset."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from conftest import run_module
+from experiments import sweep_n
+from lossland import records, verdicts
+
+SETTINGS = dict(num_bootstrap=1000, confidence=0.95, lr=0.05, probe_s_max=0.05,
+                eos_threshold=0.9, hold_steps=100, max_steps=1000, dataset=["mnist1d"],
+                depth=2, width=256, losses=["mse"], activations=["relu", "tanh"],
+                n_values=[250, 500, 1000, 2000, 4000, 8000], seeds=[0, 1, 2],
+                probe_points=21, num_random_directions=1)
+
+
+def test_fit_scaling_recovers_exponent_and_interval():
+    rng = np.random.default_rng(0)
+    n = np.array([250, 500, 1000, 2000, 4000, 8000])
+    growing = 3.0 * n[:, None] ** 0.4 * np.exp(0.05 * rng.normal(size=(6, 3)))
+    fit = sweep_n.fit_scaling(n, growing, num_bootstrap=2000)
+    assert fit["slope"] == pytest.approx(0.4, abs=0.03)
+    assert 0 < fit["ci_low"] < 0.4 < fit["ci_high"]
+    assert fit["tail_n_min"] == 1000 and fit["tail_ci_low"] > 0
+    flat = 2.0 * np.exp(0.05 * rng.normal(size=(6, 3)))
+    fit = sweep_n.fit_scaling(n, flat, num_bootstrap=2000)
+    assert fit["ci_low"] < 0 < fit["ci_high"]
+    # Exponents (may be ≤ 0) are fitted on a linear axis against log10 N.
+    exps = -0.1 * np.log10(n)[:, None] + 1.0 + 0.01 * rng.normal(size=(6, 3))
+    fit = sweep_n.fit_scaling(n, exps, scale="linear", num_bootstrap=2000)
+    assert fit["slope"] == pytest.approx(-0.1, abs=0.02) and fit["ci_high"] < 0
+    # One seed: a slope but no interval; one size: nothing.
+    one_seed = sweep_n.fit_scaling(n, growing[:, :1])
+    assert np.isfinite(one_seed["slope"]) and np.isnan(one_seed["ci_low"])
+    assert np.isnan(sweep_n.fit_scaling(n[:1], growing[:1])["slope"])
+
+
+def _synthetic_rows(rng):
+    """Sweep rows where the max gradient grows as N^0.5 for relu and is flat for tanh."""
+    rows = []
+    for activation, power in (("relu", 0.5), ("tanh", 0.0)):
+        for n in SETTINGS["n_values"]:
+            for seed in SETTINGS["seeds"]:
+                noise = np.exp(0.05 * rng.normal())
+                point = sweep_n.GridPoint("mnist1d", "mse", activation, n, seed)
+                rows.append({"name": point.name, "group": point.group, "dataset": "mnist1d",
+                             "loss": "mse", "activation": activation, "n": n, "seed": seed,
+                             "status": "finished", "stop_reason": "eos_hold",
+                             "probe_max_grad_norm": 2.0 * n ** power * noise,
+                             "probe_v1_slope_exponent": 1.0, "probe_v1_curvature_exponent": 0.0,
+                             "probe_v1_quadratic_ratio": 1.0,
+                             "probe_max_curvature": 40.0 * noise, "grad_norm": 0.5 * noise,
+                             "valley_distance_late": 0.002 * noise,
+                             "valley_distance_init": 0.05, "valley_init_at_edge": True,
+                             "valley_late_edge_fraction": 0.0})
+    return rows
+
+
+def test_verdict_follows_the_numbers():
+    summary = sweep_n.summarize(_synthetic_rows(np.random.default_rng(1)), SETTINGS)
+    relu = summary["groups"]["mnist1d/mse/relu"]["quantities"]["probe_max_grad_norm"]
+    tanh = summary["groups"]["mnist1d/mse/tanh"]["quantities"]["probe_max_grad_norm"]
+    assert relu["ci_low"] > 0 and tanh["ci_low"] < 0 < tanh["ci_high"]
+    text = verdicts.c1_verdict(summary)
+    relu_part, tanh_part = text.split("**mnist1d / mse / tanh**")
+    assert re.search(r"grows as N\^0\.(49|50|51) ", relu_part)
+    assert "interval excludes 0" in relu_part
+    assert verdicts.C1_READING_TEXT["growing"] in relu_part
+    first_tanh_line = tanh_part.splitlines()[1]
+    assert "no resolved trend" in first_tanh_line and "interval includes 0" in first_tanh_line
+    assert verdicts.C1_READING_TEXT["flat"] in first_tanh_line
+    assert "nearest to a smooth valley" in relu_part and "sharpness alone predicts" in relu_part
+    c2 = verdicts.c2_verdict(summary)
+    assert "close to the floor by our rule" in c2 and "shrank" in c2
+    # Swap the roles: the verdict must swap with them.
+    swapped = [dict(r, activation={"relu": "tanh", "tanh": "relu"}[r["activation"]],
+                    group="mnist1d/mse/" + {"relu": "tanh", "tanh": "relu"}[r["activation"]])
+               for r in _synthetic_rows(np.random.default_rng(1))]
+    text = verdicts.c1_verdict(sweep_n.summarize(swapped, SETTINGS))
+    tanh_part = text.split("**mnist1d / mse / tanh**")[1]
+    assert re.search(r"grows as N\^0\.(49|50|51) ", tanh_part.splitlines()[1])
+
+
+def test_verdict_helpers_state_the_interval_plainly():
+    assert verdicts.interval_sign(0.1, 0.3) == "positive"
+    assert verdicts.interval_sign(-0.3, -0.1) == "negative"
+    assert verdicts.interval_sign(-0.1, 0.3) == "includes_zero"
+    assert verdicts.interval_sign(float("nan"), 0.3) == "undetermined"
+    text = verdicts.describe_slope(0.41, 0.30, 0.52)
+    assert text == "grows as N^0.41 [0.30, 0.52]; the 95% interval excludes 0"
+    assert "includes 0" in verdicts.describe_slope(0.02, -0.05, 0.09)
+    assert "−0.05" in verdicts.describe_slope(0.02, -0.05, 0.09)
+    assert "per decade" in verdicts.describe_slope(-0.2, -0.3, -0.1, scale="linear")
+    assert [verdicts.exponent_reading(e) for e in (0.98, 0.02, -0.5, float("nan"))] == [
+        "a smooth valley", "a kink", "a diverging gradient", "undetermined"]
+    reading, _ = verdicts.describe_trend({"slope": 0.3, "ci_low": 0.2, "ci_high": 0.4,
+                                          "tail_slope": 0.0, "tail_ci_low": -0.1,
+                                          "tail_ci_high": 0.1, "tail_n_min": 2000})
+    assert reading == "unresolved"
+
+
+def test_late_window_is_the_final_edge_of_stability_stretch():
+    rows = [{"step": 0, "stability_ratio": 0.5, "valley_distance": 0.05},
+            {"step": 10, "stability_ratio": 0.95, "valley_distance": 0.02},
+            {"step": 20, "stability_ratio": 0.8, "valley_distance": 0.03},
+            {"step": 30, "stability_ratio": 0.92, "valley_distance": 0.004},
+            {"step": 40, "stability_ratio": 0.97, "valley_distance": 0.002},
+            {"step": 40, "status": "finished", "stability_ratio": 0.97, "valley_distance": 0.003}]
+    onset, window = sweep_n.late_window(rows, 0.9)
+    assert onset == 30 and [r["valley_distance"] for r in window] == [0.004, 0.002, 0.003]
+    onset, window = sweep_n.late_window([dict(r, stability_ratio=0.1) for r in rows], 0.9)
+    assert onset is None and [r["valley_distance"] for r in window] == [0.002, 0.003]
+
+
+# One activation keeps the test short; the grid still has 3 sizes × 2 seeds.
+SMOKE = ["--preset=smoke", "--activations=relu", "--progress=false"]
+
+
+def test_smoke_sweep_end_to_end_and_rerun(tmp_path):
+    workdir = tmp_path / "sweep"
+    result = run_module("experiments.sweep_n", *SMOKE, f"--workdir={workdir}", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = records.read_metrics(workdir / "sweep.jsonl")
+    points = sweep_n.grid({**sweep_n.PRESETS["smoke"], "activations": ["relu"],
+                           "losses": ["mse"]})
+    assert [r["name"] for r in rows] == [p.name for p in points]
+    for row in rows:
+        assert row["status"] == "finished" and row["stop_reason"] in ("eos_hold", "max_steps")
+        for key in ("grad_norm", "valley_distance", "probe_max_grad_norm", "probe_max_curvature",
+                    "probe_v1_slope_exponent", "lambda1"):
+            assert isinstance(row[key], float) and np.isfinite(row[key]), (key, row[key])
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert set(summary["groups"]) == {"mnist1d/mse/relu"}
+    fit = summary["groups"]["mnist1d/mse/relu"]["quantities"]["probe_max_grad_norm"]
+    assert fit["n"] == [64, 128, 256] and np.isfinite(fit["slope"]) and np.isfinite(fit["ci_low"])
+    for key in ("grad_norm", "probe_max_grad_norm", "probe_max_curvature", "valley_distance"):
+        assert (workdir / "plots" / f"{key}.png").stat().st_size > 5000
+    assert (workdir / "plots" / "valley_distance_vs_step.png").exists()
+    verdict = (workdir / "verdict.md").read_text()
+    assert "## C1" in verdict and "## C2" in verdict and "interval" in verdict
+    assert verdict == verdicts.sweep_verdict(summary)
+
+    # A run that lost its final status row (interrupted) is resumed; the rest are skipped.
+    metrics = workdir / "runs" / points[0].name / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text("".join(lines[:-1]))
+    again = run_module("experiments.sweep_n", *SMOKE, f"--workdir={workdir}", timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count(": skipped (finished)") == len(points) - 1
+    assert f"{points[0].name}: resumed" in again.stderr
+    assert records.read_metrics(workdir / "sweep.jsonl")[0]["status"] == "finished"
+
+
+def test_bad_settings_are_refused_naming_the_flag():
+    base = {**sweep_n.PRESETS["smoke"], "activations": ["relu"], "losses": ["mse"],
+            "eos_threshold": 0.9, "data_dir": None, "confidence": 0.95}
+    for change, name in (({"activations": ["swish"]}, "activations"),
+                         ({"n_values": ["0", "10"]}, "n_values"),
+                         ({"seeds": ["a"]}, "seeds"), ({"losses": ["hinge"]}, "losses"),
+                         ({"dataset": ["imagenet"]}, "dataset"),
+                         ({"confidence": 1.5}, "confidence")):
+        with pytest.raises(sweep_n.SweepError, match=f"--{name}="):
+            sweep_n.validate_settings({**base, **change})
+    assert sweep_n.validate_settings(base)["n_values"] == [64, 128, 256]
+
+
+def test_bad_flag_fails_before_writing(tmp_path):
+    workdir = tmp_path / "sweep"
+    result = run_module("experiments.sweep_n", "--preset=smoke", "--activations=swish",
+                        f"--workdir={workdir}", timeout=120)
+    assert result.returncode == 2 and "--activations" in result.stderr, result.stderr
+    assert not workdir.exists()
