@@ -79,7 +79,11 @@ class CheckpointManager:
         # Rebuild the exact pytree types of the template (optax NamedTuples, ...).
         leaves = jax.tree_util.tree_leaves(restored)
         treedef = jax.tree_util.tree_structure(template)
-        state = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(leaf) for leaf in leaves])
+        # Scalars stay NumPy: jnp.asarray would round float64 bookkeeping (e.g. the
+        # cumulative attribution sums) to float32 and break bitwise resume.
+        state = jax.tree_util.tree_unflatten(
+            treedef, [np.asarray(leaf) if np.ndim(leaf) == 0 else jnp.asarray(leaf)
+                      for leaf in leaves])
         return state.replace(step=int(state.step), has_eigvecs=bool(state.has_eigvecs),
                              last_lambda1=float(state.last_lambda1),
                              wall_time=float(state.wall_time), eos_since=int(state.eos_since),

@@ -149,6 +149,10 @@ def validate(cfg: RunConfig) -> None:
     _require(cfg.projection in PROJECTIONS, "projection", cfg.projection,
              f"choose one of {list(PROJECTIONS)}")
     _require(cfg.projection_k >= 0, "projection_k", cfg.projection_k, "must be >= 0")
+    if cfg.projection != "none":
+        _require(cfg.projection_k <= cfg.lanczos_iters, "projection_k", cfg.projection_k,
+                 f"Lanczos finds at most --lanczos_iters={cfg.lanczos_iters} eigenvectors",
+                 "Raise --lanczos_iters or lower --projection_k.")
     _require(cfg.refresh_every >= 1, "refresh_every", cfg.refresh_every, "must be >= 1")
     _require(cfg.switch_step >= 0, "switch_step", cfg.switch_step, "must be >= 0")
     _require(not (cfg.overwrite and cfg.resume), "resume", cfg.resume,

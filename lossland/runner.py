@@ -114,7 +114,8 @@ def _make_projection(cfg: config_lib.RunConfig):
     return projections.make_projection(cfg.projection, k=cfg.projection_k,
                                        refresh_every=cfg.refresh_every,
                                        switch_step=cfg.switch_step,
-                                       num_iters=cfg.lanczos_iters, seed=cfg.seed)
+                                       num_iters=cfg.lanczos_iters, seed=cfg.seed,
+                                       tol=cfg.lanczos_tol or None)
 
 
 class _SignalFlag:
@@ -351,7 +352,7 @@ def _loop(exp: Experiment, workdir: Path, state, progress_enabled: bool) -> RunR
             if diverged_at is None and tracker is not None and step % cfg.track_every == 0:
                 tracked, state = measure(state, step)
                 row.update(tracked)
-            if _should_log(step, cfg) or diverged_at is not None:
+            if _should_log(step, cfg) or diverged_at is not None or "eigenvalues" in row:
                 row["wall_time"] = time.time() - t0
                 writer.write(row)
                 last_row = row
