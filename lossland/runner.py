@@ -224,14 +224,16 @@ def ensure_run(cfg: config_lib.RunConfig, *, progress: bool = True) -> RunResult
 
 def _resume(workdir: Path, cfg: config_lib.RunConfig, template):
     saved = records.read_config_flags(workdir)
-    ignored = {"resume", "overwrite", "steps", "workdir"}
+    # Settings that do not change the trajectory or its records may differ on resume.
+    ignored = {"resume", "overwrite", "steps", "workdir", "checkpoint_every", "plots"}
     changed = {k: (saved.get(k), v) for k, v in cfg.asdict().items()
                if k not in ignored and saved.get(k, v) != v}
     if changed:
         raise config_lib.ConfigError(
             f"--resume: flags differ from the run in {workdir}: " +
             ", ".join(f"--{k} was {a!r}, now {b!r}" for k, (a, b) in changed.items()) +
-            ". Resume with the original flags (only --steps may change).")
+            ". Resume with the original flags (only --steps, --checkpoint_every and --plots "
+            "may change).")
     manager = checkpoints.CheckpointManager(workdir)
     state = manager.restore_latest(template)
     if state is None:
