@@ -1,9 +1,11 @@
 """Edge-of-stability learning-rate sweep on the default setting (claim C3).
 
 For each lr, trains full-batch GD with Hessian tracking and writes
-`summary.json` with, per lr: the first step at which λ1·lr/2 ≥ 0.9, the
-median stability ratio and median χ_1 over the last half of training, and the
-final loss; plus the sharpness overlay plot (Cohen et al. 2021, Fig. 1).
+`summary.json` with, per lr: the first step at which λ1·lr/2 ≥ 0.9 (and the
+entry step proper, the first upward crossing, which skips the catapult of a
+run that starts above 2/lr), the median stability ratio and median χ_1 over
+the last half of training and after entry, and the final loss; plus the
+sharpness overlay plot (Cohen et al. 2021, Fig. 1).
 
 By default each run gets steps = --lr_steps_product / lr, so every run covers
 the same gradient-flow time η·t (sharpening proceeds at a rate set by η·t).
@@ -28,22 +30,46 @@ flags.DEFINE_float("lr_steps_product", 150.0, "Steps per run = this / lr (0 = us
 FLAGS = flags.FLAGS
 
 
+def entry_step(tracked: list[dict], threshold: float = 0.9):
+    """The step at which the run enters the edge of stability.
+
+    That is the first upward crossing of λ1·lr/2 ≥ threshold: a tracked step at
+    or above it whose previous tracked step was below. A run that starts above
+    it (λ1 at initialization > 2/lr) first catapults to a flatter region; that
+    transient is not the edge of stability. A run that never falls below the
+    threshold enters at its first tracked step.
+    """
+    ratios = [(r["step"], r["stability_ratio"]) for r in tracked]
+    if ratios and all(ratio >= threshold for _, ratio in ratios):
+        return ratios[0][0]
+    for (_, before), (step, ratio) in zip(ratios, ratios[1:]):
+        if before < threshold <= ratio:
+            return step
+    return None
+
+
 def summarize_run(rows: list[dict], lr: float, threshold: float = 0.9) -> dict:
     """The per-lr summary, from the records alone."""
     tracked = [r for r in rows if "stability_ratio" in r and "status" not in r]
     final = rows[-1] if rows else {}
     last_step = final.get("step", 0)
-    entered = next((r["step"] for r in tracked if r["stability_ratio"] >= threshold), None)
+    entered = entry_step(tracked, threshold)
     late = [r for r in tracked if r["step"] >= last_step / 2]
-    median = lambda key: float(np.median([r[key] for r in late])) if late else None
+    after = [r for r in tracked if entered is not None and r["step"] >= entered]
+    median = lambda rows_, key: float(np.median([r[key] for r in rows_])) if rows_ else None
     return {
         "lr": lr,
         "two_over_lr": 2.0 / lr,
         "steps": last_step,
         "status": final.get("status"),
-        "first_step_ratio_ge_0.9": entered,
-        "median_stability_ratio_last_half": median("stability_ratio"),
-        "median_chi_1_last_half": median("chi_1"),
+        "initial_stability_ratio": tracked[0]["stability_ratio"] if tracked else None,
+        "first_step_ratio_ge_0.9": next((r["step"] for r in tracked
+                                         if r["stability_ratio"] >= threshold), None),
+        "entry_step": entered,
+        "median_stability_ratio_last_half": median(late, "stability_ratio"),
+        "median_chi_1_last_half": median(late, "chi_1"),
+        "median_stability_ratio_after_entry": median(after, "stability_ratio"),
+        "median_chi_1_after_entry": median(after, "chi_1"),
         "median_lambda1_last_half": (float(np.median([r["eigenvalues"][0] for r in late]))
                                      if late else None),
         "final_loss": final.get("loss"),
@@ -51,8 +77,8 @@ def summarize_run(rows: list[dict], lr: float, threshold: float = 0.9) -> dict:
                                    if tracked else None),
         "track_time_total_s": float(sum(r.get("track_time", 0.0) for r in tracked)),
         "wall_time_s": final.get("wall_time"),
-        "at_edge_of_stability": (None if not late else
-                                 bool(0.9 <= median("stability_ratio") <= 1.1)),
+        "at_edge_of_stability": (None if not late else bool(
+            0.9 <= median(late, "stability_ratio") <= 1.1)),
     }
 
 
@@ -108,11 +134,11 @@ def main(argv):
 
 
 def format_table(summary: dict) -> str:
-    lines = ["lr      2/lr    enter(≥0.9)  median λ1·lr/2  median χ1  final loss  status"]
+    lines = ["lr      2/lr    entry step   median λ1·lr/2  median χ1  final loss  status"]
     for run in summary["runs"].values():
         fmt = lambda v, spec: format(v, spec) if isinstance(v, (int, float)) else "-"
         lines.append(f"{run['lr']:<7g} {run['two_over_lr']:<7.1f} "
-                     f"{fmt(run['first_step_ratio_ge_0.9'], 'd'):<12} "
+                     f"{fmt(run['entry_step'], 'd'):<12} "
                      f"{fmt(run['median_stability_ratio_last_half'], '.3f'):<15} "
                      f"{fmt(run['median_chi_1_last_half'], '.3f'):<10} "
                      f"{fmt(run['final_loss'], '.4g'):<11} {run['status']}")

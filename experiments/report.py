@@ -82,14 +82,19 @@ def c3_verdict_lines(eos_summary: dict | None, gn: dict | None) -> list[str]:
             continue
         at_edge = EOS_BAND[0] <= ratio <= EOS_BAND[1]
         concentrated = chi1 is not None and chi1 >= CHI1_CONCENTRATED
-        entered = run.get("first_step_ratio_ge_0.9")
+        entered = run.get("entry_step")
+        after_ratio, after_chi1 = (run.get("median_stability_ratio_after_entry"),
+                                   run.get("median_chi_1_after_entry"))
         lines.append(
             f"C3 η={run['lr']:g}: median λ1·η/2 over the last half = {verdicts.fmt(ratio, 3)} "
             f"({'inside' if at_edge else 'outside'} [{EOS_BAND[0]}, {EOS_BAND[1]}]: "
             f"{'at' if at_edge else 'not at'} the edge of stability); median χ_1 = "
             f"{verdicts.fmt(chi1, 3)} ({'≥' if concentrated else '<'} {CHI1_CONCENTRATED}: "
             f"gradient {'concentrated' if concentrated else 'not concentrated'} in v1); "
-            f"λ1·η/2 first ≥ 0.9 at step {entered if entered is not None else 'never'}.")
+            f"entered the edge of stability (first upward crossing of 0.9) at step "
+            f"{entered if entered is not None else 'never'}"
+            + (f"; after entry, median λ1·η/2 = {verdicts.fmt(after_ratio, 3)} and median χ_1 = "
+               f"{verdicts.fmt(after_chi1, 3)}." if entered is not None else "."))
     if gn:
         carries = gn["median_gn_share"] >= GN_CARRIES
         lines.append(
@@ -106,17 +111,21 @@ def c3_verdict_lines(eos_summary: dict | None, gn: dict | None) -> list[str]:
 def _eos_table(eos_summary: dict) -> str:
     rows = []
     for run in eos_summary.get("runs", {}).values():
+        entry = run.get("entry_step")
         rows.append([f"{run['lr']:g}", verdicts.fmt(run["two_over_lr"], 1), run["steps"],
-                     run.get("first_step_ratio_ge_0.9") if run.get(
-                         "first_step_ratio_ge_0.9") is not None else "never",
+                     verdicts.fmt(run.get("initial_stability_ratio"), 2),
+                     entry if entry is not None else "never",
                      verdicts.fmt(run.get("median_lambda1_last_half"), 2),
                      verdicts.fmt(run.get("median_stability_ratio_last_half"), 3),
                      verdicts.fmt(run.get("median_chi_1_last_half"), 3),
+                     verdicts.fmt(run.get("median_stability_ratio_after_entry"), 3),
+                     verdicts.fmt(run.get("median_chi_1_after_entry"), 3),
                      verdicts.fmt(run.get("final_loss"), 4),
                      verdicts.fmt(run.get("mean_matvecs_per_track"), 1)])
     return verdicts.markdown_table(
-        ["η", "2/η", "steps", "first step λ1·η/2 ≥ 0.9", "median λ1 (last half)",
-         "median λ1·η/2", "median χ_1", "final loss", "matvecs/track"], rows)
+        ["η", "2/η", "steps", "λ1·η/2 at init", "entry step", "median λ1 (last half)",
+         "median λ1·η/2 (last half)", "median χ_1 (last half)", "median λ1·η/2 (after entry)",
+         "median χ_1 (after entry)", "final loss", "matvecs/track"], rows)
 
 
 # ----------------------------------------------------------------------------
