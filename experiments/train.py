@@ -13,7 +13,8 @@ import sys
 
 from absl import app, flags, logging
 
-from lossland import cli, config as config_lib, data as data_lib, plots, records, runner
+from lossland import cli, config as config_lib, data as data_lib, distributed, plots, records
+from lossland import runner
 
 cli.define_run_flags()
 
@@ -21,6 +22,7 @@ cli.define_run_flags()
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    distributed.maybe_initialize()  # multi-host: before any other JAX call (BUILD_NOTES.md)
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # keep orbax's INFO chatter out of the progress
     try:

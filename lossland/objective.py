@@ -203,11 +203,15 @@ class Objective:
         return loss_and_accuracy(self.apply_fn, self.per_example_loss, params, data)[0]
 
 
-def flat_matvec(product: Callable, params: PyTree) -> Callable:
-    """Wraps a pytree product `product(params, v_tree)` as a (P,) -> (P,) matvec."""
+def flat_matvec(product: Callable, params: PyTree, *args) -> Callable:
+    """Wraps a pytree product `product(params, v_tree, *args)` as a (P,) -> (P,) matvec.
+
+    The flat order is `ravel_pytree(params)`'s; eigensolvers consume this form,
+    e.g. `flat_matvec(objective.hvp_fn, params, data)`.
+    """
     _, unravel = ravel_pytree(params)
 
     def matvec(v_flat):
-        return ravel_pytree(product(params, unravel(v_flat)))[0]
+        return ravel_pytree(product(params, unravel(v_flat), *args))[0]
 
     return matvec

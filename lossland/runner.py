@@ -95,9 +95,9 @@ def build_experiment(cfg: config_lib.RunConfig) -> Experiment:
                                depth=cfg.depth, activation=cfg.activation, key=init_key,
                                dtype=dtype)
     model = dataclasses.replace(model, params=sharding.replicate(model.params, mesh))
-    full_data = sharding.shard_data(
-        objective_lib.chunk_data(x, y, cfg.chunk_size, multiple_of=sharding.mesh_size(mesh),
-                                 dtype=dtype), mesh)
+    # Built shard by shard from the unpadded host arrays: no padded host copy
+    # stays resident, so memory grows with the data, not twice the data.
+    full_data = sharding.shard_chunked(x, y, cfg.chunk_size, mesh, dtype=dtype)
     objective = objective_lib.Objective(model.apply, losses.per_example_loss(cfg.loss), full_data)
     optimizer = train_lib.make_optimizer(cfg.optimizer, cfg.lr, momentum=cfg.momentum,
                                          extra=_make_projection(cfg))

@@ -18,13 +18,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from lossland import curvature, subspace
-from lossland.objective import Objective
-
-
-def flat_product(product, params, data):
-    """(P,) -> (P,) matvec of a pytree product `product(params, v, data)`."""
-    _, unravel = ravel_pytree(params)
-    return lambda v: ravel_pytree(product(params, unravel(v), data))[0]
+from lossland.objective import Objective, flat_matvec
 
 
 def make_tracker(objective: Objective, *, k: int, num_iters: int, tol: Optional[float],
@@ -47,7 +41,7 @@ def make_tracker(objective: Objective, *, k: int, num_iters: int, tol: Optional[
         theta = ravel_pytree(params)[0]
         loss_after = lambda step: objective.loss_fn(unravel(theta - lr * step), data) - loss
         v0 = jax.random.normal(key, g.shape, g.dtype)
-        hessian = flat_product(objective.hvp_fn, params, data)
+        hessian = flat_matvec(objective.hvp_fn, params, data)
         result = top_k(hessian, v0, init_vectors)
         V = result.eigenvectors
         g_sq = jnp.vdot(g, g)
@@ -65,7 +59,7 @@ def make_tracker(objective: Objective, *, k: int, num_iters: int, tol: Optional[
             "delta_loss_bulk": loss_after(subspace.project_out(g, V)),
         }
         if track_gn:
-            gauss_newton = flat_product(objective.gnvp_fn, params, data)
+            gauss_newton = flat_matvec(objective.gnvp_fn, params, data)
             residual = lambda v: hessian(v) - gauss_newton(v)
             gn = top_k(gauss_newton, v0)
             res = top_k(residual, v0)
@@ -87,7 +81,7 @@ def make_density(objective: Objective, *, num_probes: int, num_iters: int,
     """
 
     def density(params, data, key, scale):
-        hessian = flat_product(objective.hvp_fn, params, data)
+        hessian = flat_matvec(objective.hvp_fn, params, data)
         v0 = ravel_pytree(params)[0]
         grid = jnp.linspace(-0.25 * scale, 1.05 * scale, grid_size)
         return curvature.slq_density(hessian, v0, key, num_probes, num_iters, grid, scale / 100.0)

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.flatten_util import ravel_pytree
 
 from lossland import objective as objective_lib
 from lossland import projections
@@ -72,7 +71,7 @@ def make_train_step(objective: objective_lib.Objective,
         loss, accuracy, grad = objective.loss_accuracy_grad_fn(params, batch)
         if projections.find_projection_states(opt_state):
             opt_state = projections.refresh_projections(
-                opt_state, _flat_hvp(objective, params, batch))
+                opt_state, objective_lib.flat_matvec(objective.hvp_fn, params, batch))
         updates, opt_state = optimizer.update(grad, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         metrics = StepMetrics(loss=loss, accuracy=accuracy, grad_norm=tree_norm(grad),
@@ -80,12 +79,6 @@ def make_train_step(objective: objective_lib.Objective,
         return new_params, opt_state, metrics
 
     return jax.jit(step)
-
-
-def _flat_hvp(objective: objective_lib.Objective, params, batch) -> Callable:
-    """(P,) -> (P,) Hessian-vector product of the batch loss at params (ravel_pytree order)."""
-    _, unravel = ravel_pytree(params)
-    return lambda v: ravel_pytree(objective.hvp_fn(params, unravel(v), batch))[0]
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:

@@ -1,0 +1,280 @@
+"""Data parallelism: sharded kernels, training steps and driver records equal one device's.
+
+The checks need several devices, so they run in subprocesses with fake CPU
+devices (XLA_FLAGS=--xla_force_host_platform_device_count=N): 4 devices, and
+3 devices to exercise the masked padding (n=230 and chunk 64 are not
+multiples of 3). A third run uses two *processes* of two devices each, joined
+by `jax.distributed` (gloo collectives over localhost), which is the
+multi-host code path. This file is also the script those subprocesses run:
+
+    python tests/test_sharding.py OUT.npz [MESH_SIZES [DTYPES]]   # e.g. OUT.npz 4,3 float32
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TOLERANCE = {"float32": 1e-5, "float64": 1e-10}   # normwise relative, ‖a − b‖∞ / ‖b‖∞
+N, CHUNK, BATCH = 230, 64, 50
+
+
+# ---------------------------------------------------------------------------
+# The check itself (runs in a subprocess)
+# ---------------------------------------------------------------------------
+
+def _compute(out_path: str, mesh_sizes: str = "0", dtypes: str = "float32,float64") -> None:
+    """Saves every kernel's result, per dtype, for one device ("ref") and per mesh size.
+
+    Layouts are named "ref" and "d{N}" (N devices, 0 = all). With several
+    processes there is no single-device reference, only the "d0" layout.
+    """
+    from lossland import distributed
+    multiprocess = distributed.maybe_initialize()
+
+    import jax
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    from lossland import config, curvature, data, losses, models, objective, sharding, train
+
+    try:
+        from lossland import tracking
+    except ImportError:  # the tracker's dependencies are not written yet
+        tracking = None
+
+    results = {"num_devices": np.asarray(jax.device_count()),
+               "num_processes": np.asarray(jax.process_count())}
+    for dtype_name in dtypes.split(","):
+        if dtype_name == "float64":
+            jax.config.update("jax_enable_x64", True)
+        dtype = jnp.float32 if dtype_name == "float32" else jnp.float64
+        x, y = data.load("mnist1d", N, seed=0)
+        model = models.build_model("mlp", (40,), 10, width=16, depth=2, activation="tanh",
+                                   key=jax.random.key(0), dtype=dtype)
+        flat0, unravel = ravel_pytree(model.params)
+        rng = np.random.default_rng(1)
+        v_host = unravel(jnp.asarray(rng.standard_normal(flat0.shape), dtype))
+        v0_host = np.asarray(rng.standard_normal(flat0.shape), dtype)
+        layouts = {} if multiprocess else {"ref": None}
+        layouts.update({f"d{size}": sharding.make_mesh(int(size))
+                        for size in mesh_sizes.split(",")})
+        for layout, mesh in layouts.items():
+            key = f"{dtype_name}/{layout}/"
+            put = lambda tree: sharding.replicate(tree, mesh)
+            params, v = put(model.params), put(v_host)
+            full = sharding.shard_chunked(x, y, CHUNK, mesh, dtype=dtype)
+            obj = objective.Objective(model.apply, losses.per_example_loss("cross_entropy"),
+                                      full)
+            out = {}
+            out["loss"], out["accuracy"], out["grad"] = obj.loss_accuracy_grad(params)
+            out["hvp"] = obj.hvp(params, v)
+            out["gnvp"] = obj.gnvp(params, v)
+            # The two-step placement (chunk on one device, then shard) gives the same loss.
+            two_step = sharding.shard_data(objective.chunk_data(
+                x, y, CHUNK, multiple_of=sharding.mesh_size(mesh), dtype=dtype), mesh)
+            out["loss_two_step"] = obj._loss_and_accuracy(params, two_step)[0]
+
+            def top(params, data, v0):
+                _, unravel = ravel_pytree(params)
+                matvec = lambda u: ravel_pytree(obj.hvp_fn(params, unravel(u), data))[0]
+                return curvature.lanczos_top_k(matvec, v0, 3, 30).eigenvalues
+            if tracking is None and hasattr(curvature, "lanczos_top_k"):
+                out["lanczos"] = jax.jit(top)(params, full, put(v0_host))
+
+            gd = train.make_optimizer("gd", 0.1)
+            gd_step = train.make_train_step(obj, gd)
+            out["gd_params"], _, gd_metrics = gd_step(params, put(gd.init(model.params)), full)
+            out["gd_metrics"] = jnp.stack(list(gd_metrics))
+
+            adam = train.make_optimizer("adam", 1e-3)
+            adam_step = train.make_train_step(obj, adam)
+            source = sharding.MinibatchSource(x, y, config.RunConfig(batch_size=BATCH, seed=0),
+                                              dtype, mesh)
+            p, s = params, put(adam.init(model.params))
+            for step in range(3):
+                p, s, adam_metrics = adam_step(p, s, source.batch(step))
+            out["adam_params"], out["adam_metrics"] = p, jnp.stack(list(adam_metrics))
+
+            if tracking is not None:  # Lanczos on the HVP, as the runner tracks it
+                tracker = tracking.make_tracker(obj, k=3, num_iters=30, tol=None, track_gn=False,
+                                                lr=0.1)
+                row, _ = tracker(params, full, jax.random.key(3), None)
+                for name in ("eigenvalues", "chi_1", "chi_k"):
+                    out["lanczos_" + name] = row[name]
+                # ΔL is a difference of two close losses: compare L + ΔL, on the loss's scale.
+                out["lanczos_loss_after_top"] = row["delta_loss_top"] + out["loss"]
+            for name, value in out.items():
+                flat = [np.ravel(leaf) for leaf in jax.tree_util.tree_leaves(
+                    sharding.to_host(value))]
+                results[key + name] = np.concatenate(flat).astype(np.float64)
+    if jax.process_index() == 0:
+        np.savez(out_path, **results)
+
+
+# ---------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------
+
+def _env(num_devices: int, fast_compile: bool = False, **extra) -> dict:
+    flags = [f"--xla_force_host_platform_device_count={num_devices}"]
+    if fast_compile:  # both sides of every comparison compile alike; halves compile time
+        flags.append("--xla_backend_optimization_level=0")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), XLA_FLAGS=" ".join(flags),
+               **extra)
+    env.pop("LOSSLAND_DISTRIBUTED", None)
+    return env
+
+
+def _spawn(out: Path, num_devices: int, *args: str, **extra) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, __file__, str(out), *args], cwd=REPO,
+                            env=_env(num_devices, fast_compile=True, **extra),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(process: subprocess.Popen, timeout: float = 300) -> None:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-4000:]
+
+
+def _rel_err(a, b) -> float:
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def _compare(got: dict, ref: dict, got_layout: str, ref_layout: str = "ref") -> list[str]:
+    """Problems found comparing every `ref_layout` quantity of `ref` with `got_layout`'s."""
+    problems = []
+    dtypes_run = {name.split("/")[0] for name in got if name.count("/") == 2}
+    for name in ref:
+        if name.count("/") != 2 or name.split("/")[1] != ref_layout:
+            continue
+        dtype_name, _, quantity = name.split("/")
+        if dtype_name not in dtypes_run:
+            continue
+        other = f"{dtype_name}/{got_layout}/{quantity}"
+        if other not in got:
+            problems.append(f"{other} missing")
+            continue
+        err = _rel_err(got[other], ref[name])
+        if not err <= TOLERANCE[dtype_name]:
+            problems.append(f"{other}: relative error {err:.3g} > {TOLERANCE[dtype_name]}")
+    return problems
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def kernel_runs(tmp_path_factory):
+    """One process with 4 devices (meshes of 4 and 3), and 2 processes × 2 devices, at once."""
+    tmp = tmp_path_factory.mktemp("sharding")
+    port = _free_port()
+    processes = [_spawn(tmp / "local.npz", 4, "4,3")]
+    processes += [_spawn(tmp / "mp.npz", 2, "0", "float32",
+                         JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+                         JAX_PROCESS_ID=str(i)) for i in range(2)]
+    for process in processes:
+        _finish(process)
+    return {name: dict(np.load(tmp / f"{name}.npz")) for name in ("local", "mp")}
+
+
+@pytest.mark.parametrize("num_devices", [4, 3])
+def test_sharded_kernels_equal_one_device(kernel_runs, num_devices):
+    results = kernel_runs["local"]
+    assert int(results["num_devices"]) == 4
+    assert _compare(results, results, f"d{num_devices}") == []
+    names = {name.split("/")[2] for name in results if name.count("/") == 2}
+    expected = {"loss", "accuracy", "grad", "hvp", "gnvp", "loss_two_step", "gd_params",
+                "gd_metrics", "adam_params", "adam_metrics"}
+    assert expected <= names, expected - names
+    assert "lanczos_eigenvalues" in names, "lossland.tracking (the Lanczos tracker) did not import"
+
+
+def test_two_processes_equal_one_device(kernel_runs):
+    """jax.distributed with 2 processes × 2 CPU devices: the multi-host code path."""
+    results = kernel_runs["mp"]
+    assert int(results["num_processes"]) == 2 and int(results["num_devices"]) == 4
+    assert _compare(results, kernel_runs["local"], "d0") == []
+
+
+def _records(workdir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in ("wall_time", "track_time")}
+            for row in rows]
+
+
+# Quantities that are differences of nearly equal numbers are compared on the
+# scale of what they are differences of (a Ritz residual on the eigenvalue's, a
+# loss change on the loss's); fractions in [0, 1] on the scale 1.
+_SCALE_OF = {"residuals": "eigenvalues", "delta_loss_full": "loss", "delta_loss_top": "loss",
+             "delta_loss_bulk": "loss", "cum_delta_top": "loss", "cum_delta_bulk": "loss",
+             "grad_norm_top": "grad_norm", "grad_norm_bulk": "grad_norm", "chi_1": None,
+             "chi_k": None}
+
+
+def _assert_rows_close(got: list[dict], want: list[dict], rtol: float, keys=None):
+    assert [sorted(r) for r in got] == [sorted(r) for r in want]
+    for row_got, row_want in zip(got, want):
+        for key, value in row_want.items():
+            if keys is not None and key not in keys:
+                assert np.all(np.isfinite(row_got[key])) if not isinstance(value, str) else True
+                continue
+            if isinstance(value, str):
+                assert row_got[key] == value, key
+                continue
+            if key in _SCALE_OF:
+                scale = 1.0 if _SCALE_OF[key] is None else np.max(np.abs(row_want[_SCALE_OF[key]]))
+            else:
+                scale = np.max(np.abs(value))
+            err = np.max(np.abs(np.asarray(row_got[key]) - np.asarray(value)))
+            assert err <= rtol * max(scale, 1e-30), (
+                f"step {row_want['step']} {key}: {row_got[key]} vs {value} "
+                f"(error {err:.3g} > {rtol:g} x scale {scale:.3g})")
+
+
+def test_driver_records_do_not_depend_on_device_count(tmp_path):
+    """experiments.train with --num_devices=4 writes the records of --num_devices=1.
+
+    n=70 in chunks of 32 is padded on 4 devices. A float64 run on 4 devices
+    checks that --dtype=float64 works on CPU (its kernels are compared with one
+    device's at 1e-10 above): its trajectory agrees with the float32 run to
+    float32 rounding. (Its tracked eigenvectors need not: 12 Lanczos steps
+    leave them unconverged, and float32 and float64 Krylov bases part ways.)
+    """
+    common = ["--n_train=70", "--chunk_size=32", "--width=16", "--depth=1", "--steps=4",
+              "--log_every=1", "--track_every=2", "--track_k=2", "--lanczos_iters=12",
+              "--noplots"]
+    runs = {}
+    for dtype, devices in (("float32", 1), ("float32", 4), ("float64", 4)):
+        workdir = tmp_path / f"{dtype}_{devices}"
+        runs[dtype, devices] = (workdir, subprocess.Popen(
+            [sys.executable, "-m", "experiments.train", *common, f"--dtype={dtype}",
+             f"--num_devices={devices}", f"--workdir={workdir}"], cwd=REPO, env=_env(4),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for workdir, process in runs.values():
+        _finish(process)
+    for key in runs:
+        config = json.loads((runs[key][0] / "config.json").read_text())
+        assert config["num_devices"] == key[1] and config["flags"]["dtype"] == key[0]
+    one = _records(runs["float32", 1][0])
+    assert one[-1]["status"] == "finished" and len(one) == 5
+    assert sum("eigenvalues" in row for row in one) == 3
+    _assert_rows_close(_records(runs["float32", 4][0]), one, 1e-5)
+    trajectory = {"step", "loss", "accuracy", "grad_norm", "param_norm", "update_norm", "lr",
+                  "status", "stop_reason"}
+    _assert_rows_close(_records(runs["float64", 4][0]), one, 1e-5, keys=trajectory)
+
+
+if __name__ == "__main__":
+    _compute(*sys.argv[1:])
