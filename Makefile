@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lossland-installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test test-all bench reproduce clean
+.PHONY: install demo test test-all test-slow bench reproduce clean
 
 install: $(STAMP)
 
@@ -25,6 +25,9 @@ test: install
 
 test-all: install
 	$(PY) -m pytest -q -m ""
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
 
 bench: install
 	$(PY) -m benchmarks.curvature

@@ -91,10 +91,10 @@ def c3_verdict_lines(eos_summary: dict | None, gn: dict | None) -> list[str]:
             f"{'at' if at_edge else 'not at'} the edge of stability); median χ_1 = "
             f"{verdicts.fmt(chi1, 3)} ({'≥' if concentrated else '<'} {CHI1_CONCENTRATED}: "
             f"gradient {'concentrated' if concentrated else 'not concentrated'} in v1); "
-            f"entered the edge of stability (first upward crossing of 0.9) at step "
-            f"{entered if entered is not None else 'never'}"
-            + (f"; after entry, median λ1·η/2 = {verdicts.fmt(after_ratio, 3)} and median χ_1 = "
-               f"{verdicts.fmt(after_chi1, 3)}." if entered is not None else "."))
+            + (f"entered the edge of stability (first upward crossing of 0.9) at step {entered}; "
+               f"after entry, median λ1·η/2 = {verdicts.fmt(after_ratio, 3)} and median χ_1 = "
+               f"{verdicts.fmt(after_chi1, 3)}." if entered is not None else
+               "never entered the edge of stability (no upward crossing of 0.9)."))
     if gn:
         carries = gn["median_gn_share"] >= GN_CARRIES
         lines.append(
@@ -208,16 +208,15 @@ def _subspace_section(root: Path) -> list[str]:
     return lines + [""]
 
 
-def write_report(root: Path, preset: str, total_s: float | None = None) -> Path:
+def write_report(root: Path, preset: str, experiments: list[str],
+                 total_s: float | None = None) -> Path:
     """Writes root/REPORT.md from whatever records the experiments left; returns its path."""
-    from experiments.reproduce import EXPERIMENTS
-
     lines = [f"# lossland reproduction report ({preset} preset)", "",
              f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} by `experiments.reproduce` from "
              "the records under this folder. Every number and verdict below is computed from "
              "those records; the rules behind each verdict are stated with it.", ""]
     lines += _environment_section(root)
-    lines += _timing_section(root, EXPERIMENTS, total_s)
+    lines += _timing_section(root, experiments, total_s)
     lines += _sweep_section(root)
     lines += _eos_section(root)
     lines += _subspace_section(root)

@@ -125,7 +125,7 @@ def main(argv):
             print(f"error: {e}", file=sys.stderr)
             return 1
     from experiments import report  # noqa: PLC0415 (keeps --help fast)
-    path = report.write_report(root, FLAGS.preset, time.time() - total_start)
+    path = report.write_report(root, FLAGS.preset, EXPERIMENTS, time.time() - total_start)
     print(f"report: {path}", file=sys.stderr)
     return 0
 

@@ -1,4 +1,8 @@
-"""experiments.reproduce --preset smoke end to end, and the report's verdicts against the records."""
+"""experiments.reproduce --preset smoke end to end, and the report's verdicts against the records.
+
+Marked slow (several minutes: five experiments, each paying JAX start-up and
+compilation); `make test-all` and .ci/run run it.
+"""
 
 import json
 import re
@@ -8,6 +12,9 @@ import pytest
 from conftest import run_module
 from experiments import report
 from lossland import records
+
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
