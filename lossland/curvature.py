@@ -13,12 +13,13 @@ Public API (a promise to users; keep these names and signatures):
 Matvecs act on flat (P,) vectors; `lossland.objective.flat_matvec` wraps a
 pytree product such as `Objective.hvp_fn` into one.
 
-Full-batch chunked forms of both live in `lossland.objective`
+Full-batch chunked forms of hvp and gnvp live in `lossland.objective`
 (`full_batch_hvp`, `full_batch_gnvp`, `Objective.hvp`, `Objective.gnvp`).
 """
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -108,7 +109,7 @@ class KrylovState(NamedTuple):
     steps: jax.Array           # int32, matvecs made so far
     n_basis: jax.Array         # int32, basis vectors stored so far (≥ steps)
     scale: jax.Array           # running max ‖H q_j‖, a scale for breakdown tests
-    v0_used: jax.Array         # bool, whether the reserve vector has been used
+    reserve_used: jax.Array    # bool, whether the reserve vector has been used
     converged: jax.Array       # bool, the tol rule is met
     exhausted: jax.Array       # bool, the basis spans the whole space
 
@@ -445,7 +446,7 @@ def krylov_decomposition(matvec: Callable[[jax.Array], jax.Array], start: jax.Ar
 
     state = KrylovState(
         blocks=blocks, T=jnp.zeros((S, S), dtype), steps=jnp.int32(0), n_basis=n_basis,
-        scale=jnp.zeros((), dtype), v0_used=reserve_used, converged=jnp.bool_(False),
+        scale=jnp.zeros((), dtype), reserve_used=reserve_used, converged=jnp.bool_(False),
         exhausted=jnp.bool_(False))
 
     def cond_fn(s: KrylovState):
@@ -461,7 +462,7 @@ def krylov_decomposition(matvec: Callable[[jax.Array], jax.Array], start: jax.Ar
         T = s.T.at[:, j].set(h)
         T = T.at[s.n_basis, j].set(jnp.where(ok, n2, 0.0).astype(dtype))
         blocks, n_basis = _append(s.blocks, s.n_basis, w2, n2, ok)
-        reserve_used, exhausted = s.v0_used, s.exhausted
+        reserve_used, exhausted = s.reserve_used, s.exhausted
         if restart:
             need = n_basis == j + 1          # breakdown with nothing left to process
             blocks, n_basis, reserve_used, ok_r = lax.cond(
@@ -476,7 +477,7 @@ def krylov_decomposition(matvec: Callable[[jax.Array], jax.Array], start: jax.Ar
                 return jnp.all(res <= tol * jnp.abs(theta))
             converged = lax.cond(steps >= k, check, lambda T: jnp.bool_(False), T)
         return KrylovState(blocks=blocks, T=T, steps=steps, n_basis=n_basis, scale=scale,
-                           v0_used=reserve_used, converged=converged, exhausted=exhausted)
+                           reserve_used=reserve_used, converged=converged, exhausted=exhausted)
 
     return lax.while_loop(cond_fn, body_fn, state)
 
@@ -535,6 +536,11 @@ def lanczos_top_k(matvec: Callable[[jax.Array], jax.Array], v0: jax.Array, k: in
             matvec = lambda u: ravel_pytree(objective.hvp_fn(params, unravel(u), data))[0]
             return lanczos_top_k(matvec, v0, k=10, num_iters=60, tol=1e-3)
 
+    Called eagerly, the whole computation (matvec included, its closed-over
+    arrays passed as arguments) is compiled once per call — a few seconds;
+    for repeated calls, jit a function that takes the operator's arrays as
+    arguments, as above, and the compiled program is reused.
+
     Algorithm. The Krylov basis is a fixed (≈num_iters + 1, P) buffer held as
     blocks of rows; each step orthogonalizes H q_j against every stored row
     twice (classical Gram–Schmidt; blocks not yet in use are skipped, so the
@@ -550,10 +556,13 @@ def lanczos_top_k(matvec: Callable[[jax.Array], jax.Array], v0: jax.Array, k: in
         exactly this many are made unless the basis exhausts the space first.
       tol: stop early once every one of the k selected Ritz pairs has
         residual ≤ tol·|θ| (checked each step from step k on; `num_iters` is
-        then a cap). A residual r guarantees an eigenvalue within r of θ, and
-        for a Ritz value separated by a gap δ from the rest of the spectrum
-        the error is ≲ r²/δ, so tol=1e-3 is conservative for a 1e-3
-        eigenvalue accuracy. Like every Ritz-residual rule it cannot detect
+        then a cap). The check uses the classical Lanczos estimate |β_s·y_s|
+        from the tridiagonal part of T (`ritz_residual_estimates`: bisection
+        and inverse iteration, O(k·steps) per step, no dense eigensolver); the
+        returned residuals are the full ones described below. A residual r
+        guarantees an eigenvalue within r of θ, and for a Ritz value
+        separated by a gap δ from the rest of the spectrum the error is
+        ≲ r²/δ, so tol=1e-3 is conservative for a 1e-3 eigenvalue accuracy. Like every Ritz-residual rule it cannot detect
         an eigenvalue the Krylov space has not yet seen at all.
       init_vectors: (m, P) warm start, e.g. the eigenvectors of a previous call
         along a trajectory (rows need not be orthonormal; zero rows are
@@ -592,8 +601,11 @@ def lanczos_top_k(matvec: Callable[[jax.Array], jax.Array], v0: jax.Array, k: in
     exhausted before k steps, impossible for k ≤ P), the missing entries are
     padding: eigenvalue 0, a zero eigenvector, residual +inf, placed last.
     """
-    if not isinstance(k, int) or not isinstance(num_iters, int):
-        raise TypeError("k and num_iters must be Python ints (they fix array shapes).")
+    try:
+        k, num_iters = operator.index(k), operator.index(num_iters)
+    except TypeError:
+        raise TypeError(f"k and num_iters must be integers (they fix array shapes); got "
+                        f"k={k!r}, num_iters={num_iters!r}.") from None
     if which not in _WHICH:
         raise ValueError(f"which={which!r}; choose one of {_WHICH}.")
     v0 = jnp.asarray(v0)
@@ -610,6 +622,7 @@ def lanczos_top_k(matvec: Callable[[jax.Array], jax.Array], v0: jax.Array, k: in
         raise ValueError(f"init_vectors must have shape (m, {P}); got {jnp.shape(init_vectors)}.")
     if tol is not None and tol < 0:
         raise ValueError(f"tol={tol} must be >= 0 or None.")
+
     def body(matvec, v0, init_vectors):
         if init_vectors is None:
             start, reserve = v0, None
@@ -695,7 +708,6 @@ def slq_density(matvec: Callable[[jax.Array], jax.Array], v0: jax.Array, key: ja
     (P,) = v0.shape
     if num_iters < 1 or num_probes < 1:
         raise ValueError("num_probes and num_iters must be >= 1.")
-    num_iters = min(num_iters, P)
     keys = jax.random.split(key, num_probes)
 
     def body(matvec, keys):
