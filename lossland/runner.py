@@ -327,12 +327,12 @@ def _loop(exp: Experiment, workdir: Path, state, progress_enabled: bool) -> RunR
                          "param_norm": float(train_lib.tree_norm(state.params)),
                          "stop_reason": "eos_hold" if held else "max_steps"}
                 if tracker is not None:
-                    final.update(measure(state, step)[0])
-                    if prober is None:
-                        pass
-                    elif "valley_distance" not in final:  # probes also run at the very end
-                        final.update(prober(state.params, data, state.eigvecs[0],
-                                            state.displacement,
+                    final_tracked, final_state = measure(state, step)
+                    final.update(final_tracked)
+                    if prober is not None and "valley_distance" not in final:
+                        # Probes also run at the very end, along the final v1.
+                        final.update(prober(final_state.params, data, final_state.eigvecs[0],
+                                            final_state.displacement,
                                             jax.random.fold_in(base_key, step + 1)))
                 result = finish(STATUS_FINISHED, step, final)
                 break
