@@ -204,17 +204,24 @@ def run_status(workdir: str | Path) -> Optional[str]:
 
 
 def ensure_run(cfg: config_lib.RunConfig, *, progress: bool = True) -> RunResult:
-    """Runs cfg unless its workdir already holds a finished run; resumes a partial one.
+    """Runs cfg unless its workdir already holds an ended run; resumes a partial one.
+
+    Finished and diverged runs are kept as they are (rerunning a diverged run
+    would diverge again, bitwise); interrupted or crashed ones resume.
 
     This is what sweeps use so that a rerun skips completed grid points and
     continues interrupted ones, unless cfg.overwrite.
     """
     workdir = Path(cfg.workdir)
     status = None if cfg.overwrite else run_status(workdir)
-    if status == STATUS_FINISHED:
-        rows = records.read_metrics(workdir)
-        return RunResult(status=status, step=rows[-1]["step"], workdir=workdir,
-                         last_row=rows[-1], message="already finished; skipped")
+    if status in (STATUS_FINISHED, STATUS_DIVERGED):
+        last = records.read_metrics(workdir)[-1]
+        extend = (status == STATUS_FINISHED and last.get("stop_reason") == "max_steps"
+                  and last["step"] < cfg.steps)
+        if not extend:  # a longer --steps resumes from the final checkpoint instead
+            return RunResult(status=status, step=last["step"], workdir=workdir,
+                             last_row=last, message=f"already {status}; skipped")
+        status = STATUS_INTERRUPTED
     has_checkpoint = (workdir / records.CHECKPOINT_DIR).exists() and any(
         p.name.isdigit() for p in (workdir / records.CHECKPOINT_DIR).iterdir())
     resume = not cfg.overwrite and has_checkpoint and status in (None, STATUS_INTERRUPTED)
