@@ -162,12 +162,11 @@ class _Progress:
               f"{extra}", file=sys.stderr, flush=True)
 
 
-def _is_finite_tree(tree) -> bool:
-    return all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(tree))
-
-
 def _scalars(metrics) -> dict:
-    return {name: float(value) for name, value in metrics._asdict().items()}
+    """The step's metrics as floats, fetched from the device in one transfer."""
+    fetched = jax.device_get(metrics)._asdict()
+    fetched.pop("params_finite")
+    return {name: float(value) for name, value in fetched.items()}
 
 
 def _tracked_row(row_arrays: dict, lr: float) -> dict:
@@ -356,7 +355,7 @@ def _loop(exp: Experiment, workdir: Path, state, progress_enabled: bool) -> RunR
             diverged_at = None
             if not math.isfinite(row["loss"]) or not math.isfinite(row["grad_norm"]):
                 diverged_at = step
-            elif not _is_finite_tree(new_params):
+            elif not bool(metrics.params_finite):
                 diverged_at = step + 1
             if diverged_at is None and tracker is not None and step % cfg.track_every == 0:
                 tracked, state = measure(state, step)

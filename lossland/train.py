@@ -54,6 +54,7 @@ class StepMetrics(NamedTuple):
     grad_norm: jax.Array     # ‖g‖ of the batch gradient at the pre-step params
     param_norm: jax.Array    # ‖θ_t‖ (pre-step)
     update_norm: jax.Array   # ‖θ_{t+1} − θ_t‖
+    params_finite: jax.Array  # bool: every entry of θ_{t+1} is finite (divergence check)
 
 
 def make_train_step(objective: objective_lib.Objective,
@@ -75,7 +76,10 @@ def make_train_step(objective: objective_lib.Objective,
         updates, opt_state = optimizer.update(grad, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         metrics = StepMetrics(loss=loss, accuracy=accuracy, grad_norm=tree_norm(grad),
-                              param_norm=tree_norm(params), update_norm=tree_norm(updates))
+                              param_norm=tree_norm(params), update_norm=tree_norm(updates),
+                              params_finite=jnp.all(jnp.stack([
+                                  jnp.all(jnp.isfinite(leaf))
+                                  for leaf in jax.tree_util.tree_leaves(new_params)])))
         return new_params, opt_state, metrics
 
     return jax.jit(step)
