@@ -238,39 +238,17 @@ def run_state(run_dir: Path) -> tuple[str, dict]:
     return "partial", final
 
 
-def _config_changes(run_dir: Path, cfg) -> dict:
-    saved = records.read_config_flags(run_dir)
-    ignored = {"resume", "overwrite", "steps", "workdir", "plots"}
-    return {k: (saved.get(k), v) for k, v in cfg.asdict().items()
-            if k not in ignored and saved.get(k, v) != v}
-
-
 def run_point(point: GridPoint, cfg, *, overwrite: bool, progress: bool) -> tuple[str, str]:
-    """Runs, resumes or skips one grid point; returns (what was done, the run's status)."""
+    """Runs, resumes or skips one grid point; returns (what was done, the run's status).
+
+    `runner.ensure_run` decides: finished and diverged points are skipped (a
+    point that hit a smaller --max_steps is extended), partial ones resume, and
+    a point run with other settings is refused unless --overwrite.
+    """
     from lossland import runner  # imported here: flag parsing and errors stay fast
 
-    run_dir = Path(cfg.workdir)
-    state, final = ("absent", {}) if overwrite else run_state(run_dir)
-    if state in ("finished", "diverged", "partial") and (run_dir / records.CONFIG_FILE).exists():
-        changes = _config_changes(run_dir, cfg)
-        if changes:
-            raise SweepError(
-                f"{run_dir} was run with other settings (" +
-                ", ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in changes.items()) +
-                "). Pass --overwrite to redo the sweep, or use another --workdir.")
-    saved_steps = (records.read_config_flags(run_dir).get("steps")
-                   if (run_dir / records.CONFIG_FILE).exists() else None)
-    more_steps = (state == "finished" and final.get("stop_reason") == "max_steps"
-                  and saved_steps is not None and cfg.steps > saved_steps)
-    if state == "diverged" or (state == "finished" and not more_steps):
-        return f"skipped ({state})", state
-    if state in ("partial", "finished"):
-        try:
-            return "resumed", runner.run(cfg.replace(resume=True), progress=progress).status
-        except records.WorkdirError as e:  # no checkpoint to resume from: start afresh
-            print(f"cannot resume {run_dir} ({e}); starting it afresh", file=sys.stderr)
-    fresh = cfg.replace(overwrite=run_dir.exists() and any(run_dir.iterdir()))
-    return "ran", runner.run(fresh, progress=progress).status
+    result = runner.ensure_run(cfg.replace(overwrite=overwrite), progress=progress)
+    return result.action, result.status
 
 
 # ----------------------------------------------------------------------------

@@ -62,6 +62,7 @@ class RunResult:
     workdir: Path
     last_row: dict
     message: str = ""
+    action: str = "ran"   # what ensure_run did: ran, resumed, skipped (finished|diverged)
 
     @property
     def exit_code(self) -> int:
@@ -202,43 +203,65 @@ def run_status(workdir: str | Path) -> Optional[str]:
     return rows[-1].get("status") if rows else None
 
 
+# Flags that may differ when a run is resumed: they change neither the
+# trajectory nor its records.
+RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "steps", "workdir", "checkpoint_every",
+                               "plots"})
+
+
+def config_changes(workdir: Path, cfg: config_lib.RunConfig) -> dict:
+    """{flag: (saved, now)} for the flags that differ from the run saved in workdir."""
+    saved = records.read_config_flags(workdir)
+    return {k: (saved.get(k), v) for k, v in cfg.asdict().items()
+            if k not in RESUMABLE_CHANGES and saved.get(k, v) != v}
+
+
+def _describe_changes(changes: dict) -> str:
+    return ", ".join(f"--{k} was {a!r}, now {b!r}" for k, (a, b) in changes.items())
+
+
 def ensure_run(cfg: config_lib.RunConfig, *, progress: bool = True) -> RunResult:
     """Runs cfg unless its workdir already holds an ended run; resumes a partial one.
 
     Finished and diverged runs are kept as they are (rerunning a diverged run
-    would diverge again, bitwise); interrupted or crashed ones resume.
-
-    This is what sweeps use so that a rerun skips completed grid points and
-    continues interrupted ones, unless cfg.overwrite.
+    would diverge again, bitwise), except that a run that finished at a
+    smaller --steps is extended; interrupted or crashed ones resume. A workdir
+    holding a run with other settings is refused unless cfg.overwrite.
+    This is what sweeps use, so that a rerun skips completed grid points and
+    continues interrupted ones. `RunResult.action` says which happened.
     """
     workdir = Path(cfg.workdir)
     status = None if cfg.overwrite else run_status(workdir)
+    if not cfg.overwrite and (workdir / records.CONFIG_FILE).exists():
+        changes = config_changes(workdir, cfg)
+        if changes:
+            raise config_lib.ConfigError(
+                f"{workdir} holds a run with other settings ({_describe_changes(changes)}). "
+                "Pass --overwrite to redo it, or use another --workdir.")
     if status in (STATUS_FINISHED, STATUS_DIVERGED):
         last = records.read_metrics(workdir)[-1]
         extend = (status == STATUS_FINISHED and last.get("stop_reason") == "max_steps"
                   and last["step"] < cfg.steps)
         if not extend:  # a longer --steps resumes from the final checkpoint instead
             return RunResult(status=status, step=last["step"], workdir=workdir,
-                             last_row=last, message=f"already {status}; skipped")
+                             last_row=last, message=f"already {status}; skipped",
+                             action=f"skipped ({status})")
         status = STATUS_INTERRUPTED
     has_checkpoint = (workdir / records.CHECKPOINT_DIR).exists() and any(
         p.name.isdigit() for p in (workdir / records.CHECKPOINT_DIR).iterdir())
     resume = not cfg.overwrite and has_checkpoint and status in (None, STATUS_INTERRUPTED)
     overwrite = cfg.overwrite or (workdir.exists() and not resume)
-    return run(cfg.replace(resume=resume, overwrite=overwrite), progress=progress)
+    result = run(cfg.replace(resume=resume, overwrite=overwrite), progress=progress)
+    result.action = "resumed" if resume else "ran"
+    return result
 
 
 def _resume(workdir: Path, cfg: config_lib.RunConfig, template):
-    saved = records.read_config_flags(workdir)
-    # Settings that do not change the trajectory or its records may differ on resume.
-    ignored = {"resume", "overwrite", "steps", "workdir", "checkpoint_every", "plots"}
-    changed = {k: (saved.get(k), v) for k, v in cfg.asdict().items()
-               if k not in ignored and saved.get(k, v) != v}
-    if changed:
+    changes = config_changes(workdir, cfg)
+    if changes:
         raise config_lib.ConfigError(
-            f"--resume: flags differ from the run in {workdir}: " +
-            ", ".join(f"--{k} was {a!r}, now {b!r}" for k, (a, b) in changed.items()) +
-            ". Resume with the original flags (only --steps, --checkpoint_every and --plots "
+            f"--resume: flags differ from the run in {workdir}: {_describe_changes(changes)}. "
+            "Resume with the original flags (only --steps, --checkpoint_every and --plots "
             "may change).")
     manager = checkpoints.CheckpointManager(workdir)
     state = manager.restore_latest(template)
