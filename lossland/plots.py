@@ -5,7 +5,6 @@ Nothing here touches a model: any run directory, old or new, can be replotted.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
