@@ -101,6 +101,8 @@ def _child(args) -> dict:
     jax.block_until_ready((chunked.x, chunked.y, chunked.mask))
     placement = _proc_status()
     placement_seconds = time.perf_counter() - start
+    device = jax.devices()[0]
+    placement_device = device.memory_stats() if hasattr(device, "memory_stats") else None
 
     _reset_peak()
     obj = objective.Objective(model.apply, losses.per_example_loss(args.loss), chunked)
@@ -113,9 +115,13 @@ def _child(args) -> dict:
     kernel_seconds = time.perf_counter() - start
     after = _proc_status()
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    device = jax.devices()[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+
+    # XLA's own buffer assignment for the kernel: its scratch ("temp") bytes must
+    # not grow with n (only the dataset argument does).
+    pure = obj.loss_accuracy_grad_fn if args.kernel == "grad" else obj.hvp_fn
+    kernel_args = (model.params, chunked) if args.kernel == "grad" else (model.params, v, chunked)
+    analysis = jax.jit(pure).lower(*kernel_args).compile().memory_analysis()
     device_dataset = sum(a.size * a.dtype.itemsize for a in (chunked.x, chunked.y, chunked.mask))
     result = {
         "n": args.n, "kernel": args.kernel, "chunk_size": args.chunk_size,
@@ -133,8 +139,14 @@ def _child(args) -> dict:
         "finite": bool(all(np.isfinite(np.asarray(leaf)).all()
                            for leaf in jax.tree_util.tree_leaves(out))),
     }
+    if analysis is not None:
+        result["compiled_temp_bytes"] = int(analysis.temp_size_in_bytes)
+        result["compiled_argument_bytes"] = int(analysis.argument_size_in_bytes)
     if stats and "peak_bytes_in_use" in stats:
         result["device_peak_bytes_in_use"] = int(stats["peak_bytes_in_use"])
+    if placement_device and "peak_bytes_in_use" in placement_device:
+        result["device_peak_bytes_after_placement"] = int(placement_device["peak_bytes_in_use"])
+        result["device_bytes_in_use_after_placement"] = int(placement_device["bytes_in_use"])
     return result
 
 
@@ -160,6 +172,18 @@ def _checks(results: list[dict]) -> list[dict]:
             "within_10_percent": bool(extra_peak <= 1.1 * extra_data),
             "within_10_percent_incl_placement": bool(extra_total <= 1.1 * extra_data),
         })
+        if all("compiled_temp_bytes" in r for r in (small, large)):
+            checks[-1]["extra_compiled_temp_bytes"] = (large["compiled_temp_bytes"]
+                                                       - small["compiled_temp_bytes"])
+        if all("device_peak_bytes_in_use" in r for r in (small, large)):
+            # On an accelerator the dataset and the kernel live in device memory:
+            # the same check on the device allocator's peak (host RSS stays flat there).
+            extra_device = (large["device_peak_bytes_in_use"]
+                            - small["device_peak_bytes_in_use"])
+            checks[-1].update(
+                extra_device_peak_bytes=extra_device,
+                device_ratio=extra_device / extra_data if extra_data else None,
+                device_within_10_percent=bool(extra_device <= 1.1 * extra_data))
     return checks
 
 

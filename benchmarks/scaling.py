@@ -56,13 +56,60 @@ def _median_time(fn, repeats: int) -> tuple[float, float]:
     return first, float(np.median(times))
 
 
+def _flat64(tree) -> np.ndarray:
+    """Every leaf of a (possibly sharded) pytree, on the host, as one float64 vector."""
+    import jax
+
+    from lossland import sharding
+
+    leaves = jax.tree_util.tree_leaves(sharding.to_host(tree))
+    return np.concatenate([np.ravel(leaf) for leaf in leaves]).astype(np.float64)
+
+
+def _time_kernels(obj, params, v, v0, full, args, lanczos: bool = True) -> tuple[dict, dict]:
+    """Median times of gradient, HVP, GNVP (and Lanczos k=lanczos_k); their results."""
+    import jax
+    from jax.flatten_util import ravel_pytree
+
+    from lossland import curvature
+
+    entry, out = {}, {}
+    first, med = _median_time(lambda: obj.loss_accuracy_grad(params), args.repeats)
+    entry["grad_s"], entry["grad_first_call_s"] = med, first
+    out["loss"], _, out["grad"] = obj.loss_accuracy_grad(params)
+    first, med = _median_time(lambda: obj.hvp(params, v), args.repeats)
+    entry["hvp_s"], entry["hvp_first_call_s"] = med, first
+    out["hvp"] = obj.hvp(params, v)
+    first, med = _median_time(lambda: obj.gnvp(params, v), args.repeats)
+    entry["gnvp_s"], entry["gnvp_first_call_s"] = med, first
+    out["gnvp"] = obj.gnvp(params, v)
+    if not lanczos:
+        return entry, out
+
+    def top(params, data, v0):
+        _, unravel_p = ravel_pytree(params)
+        matvec = lambda u: ravel_pytree(obj.hvp_fn(params, unravel_p(u), data))[0]
+        result = curvature.lanczos_top_k(matvec, v0, args.lanczos_k, args.lanczos_iters)
+        return result.eigenvalues, result.num_matvecs
+    top_k = jax.jit(top)
+    first, med = _median_time(lambda: top_k(params, full, v0), max(1, args.repeats // 3))
+    eigenvalues, matvecs = top_k(params, full, v0)
+    out["eigenvalues"] = eigenvalues
+    entry.update(lanczos_s=med, lanczos_first_call_s=first, lanczos_k=args.lanczos_k,
+                 lanczos_matvecs=int(matvecs),
+                 top_eigenvalues=np.asarray(eigenvalues)[:3].tolist())
+    return entry, out
+
+
 def _child(args) -> dict:
     import jax
     import jax.numpy as jnp
     from jax.flatten_util import ravel_pytree
 
-    from lossland import config, curvature, data, losses, models, objective, sharding
+    from lossland import config, data, losses, models, objective, sharding
 
+    jax.config.update("jax_default_matmul_precision",
+                      None if args.matmul_precision == "default" else args.matmul_precision)
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     dtype = jnp.float64 if args.dtype == "float64" else jnp.float32
@@ -88,31 +135,17 @@ def _child(args) -> dict:
         entry = {"num_params": int(flat.size), "n": args.n, "chunk_size": args.chunk_size}
         out = {}
 
-        first, med = _median_time(lambda: obj.loss_accuracy_grad(params), args.repeats)
-        entry["grad_s"], entry["grad_first_call_s"] = med, first
-        out["loss"], _, out["grad"] = obj.loss_accuracy_grad(params)
-        first, med = _median_time(lambda: obj.hvp(params, v), args.repeats)
-        entry["hvp_s"], entry["hvp_first_call_s"] = med, first
-        out["hvp"] = obj.hvp(params, v)
-        first, med = _median_time(lambda: obj.gnvp(params, v), args.repeats)
-        entry["gnvp_s"], entry["gnvp_first_call_s"] = med, first
-        out["gnvp"] = obj.gnvp(params, v)
-
-        if hasattr(curvature, "lanczos_top_k"):
-            def top(params, data, v0):
-                _, unravel_p = ravel_pytree(params)
-                matvec = lambda u: ravel_pytree(obj.hvp_fn(params, unravel_p(u), data))[0]
-                result = curvature.lanczos_top_k(matvec, v0, args.lanczos_k, args.lanczos_iters)
-                return result.eigenvalues, result.num_matvecs
-            lanczos = jax.jit(top)
-            first, med = _median_time(lambda: lanczos(params, full, v0), max(1, args.repeats // 3))
-            eigenvalues, matvecs = lanczos(params, full, v0)
-            out["eigenvalues"] = eigenvalues
-            entry.update(lanczos_s=med, lanczos_first_call_s=first, lanczos_k=args.lanczos_k,
-                         lanczos_matvecs=int(matvecs),
-                         top_eigenvalues=np.asarray(eigenvalues)[:3].tolist())
-        else:
-            entry["lanczos_s"] = None  # lossland.curvature.lanczos_top_k not available
+        timings, out = _time_kernels(obj, params, v, v0, full, args)
+        entry.update(timings)
+        if args.compare_default_precision:
+            # The same kernels in the backend's fast float32 mode (TF32 on NVIDIA
+            # Ampere+), timed and compared with the --matmul_precision results.
+            with jax.default_matmul_precision(None):
+                fast, fast_out = _time_kernels(obj, params, v, v0, full, args, lanczos=False)
+            entry["default_precision"] = {
+                **{k: fast[k] for k in ("grad_s", "hvp_s", "gnvp_s")},
+                "relative_error": {name: _rel_err(_flat64(fast_out[name]), _flat64(out[name]))
+                                   for name in fast_out}}
 
         if args.track_steps:
             with tempfile.TemporaryDirectory() as workdir:
@@ -121,6 +154,7 @@ def _child(args) -> dict:
                     model=model_name, width=width, depth=2, loss="cross_entropy", lr=0.05,
                     steps=args.track_steps, seed=0,
                     chunk_size=args.chunk_size, dtype=args.dtype, num_devices=args.num_devices,
+                    matmul_precision=args.matmul_precision,
                     workdir=workdir, log_every=1, checkpoint_every=0, plots=False,
                     track_every=args.track_every, track_k=args.lanczos_k,
                     lanczos_iters=args.lanczos_iters, overwrite=True)
@@ -146,9 +180,7 @@ def _child(args) -> dict:
                     entry["tracked_run_error"] = f"{type(e).__name__}: {e}"
         report["workloads"][model_name] = entry
         for name, value in out.items():
-            leaves = jax.tree_util.tree_leaves(sharding.to_host(value))
-            arrays[f"{model_name}/{name}"] = np.concatenate(
-                [np.ravel(leaf) for leaf in leaves]).astype(np.float64)
+            arrays[f"{model_name}/{name}"] = _flat64(value)
     np.savez(args.arrays, **arrays)
     return report
 
@@ -181,6 +213,13 @@ def _parse(argv=None):
     parser.add_argument("--chunk_size", type=int, default=None,
                         help="default: 4096 on GPU, 1000 on CPU")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    parser.add_argument("--matmul_precision", default="highest", choices=("highest", "default"),
+                        help="float32 matrix products: full (highest, the driver's default) "
+                        "or the backend's fast mode (default: TF32 on NVIDIA Ampere+)")
+    parser.add_argument("--compare_default_precision", default=None,
+                        action=argparse.BooleanOptionalAction,
+                        help="also time the kernels at the backend's default precision and "
+                        "report their error (default: on for GPUs, off on CPU)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--lanczos_k", type=int, default=10)
     parser.add_argument("--lanczos_iters", type=int, default=None,
@@ -214,6 +253,8 @@ def _defaults(args, gpu: bool):
     args.lanczos_iters = args.lanczos_iters or (40 if gpu else 20)
     args.track_steps = (60 if gpu else 0) if args.track_steps is None else args.track_steps
     args.track_every = args.track_every or (10 if gpu else 2)
+    if args.compare_default_precision is None:
+        args.compare_default_precision = gpu and args.matmul_precision != "default"
     return args
 
 
@@ -244,7 +285,9 @@ def main(argv=None) -> dict:
               f"--chunk_size={args.chunk_size}", f"--dtype={args.dtype}",
               f"--repeats={args.repeats}", f"--lanczos_k={args.lanczos_k}",
               f"--lanczos_iters={args.lanczos_iters}", f"--track_steps={args.track_steps}",
-              f"--track_every={args.track_every}"]
+              f"--track_every={args.track_every}", f"--matmul_precision={args.matmul_precision}",
+              "--compare_default_precision" if args.compare_default_precision
+              else "--no-compare_default_precision"]
     runs, arrays = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for count in counts:
@@ -278,7 +321,7 @@ def main(argv=None) -> dict:
         "dataset": args.dataset, "n": args.n, "dtype": args.dtype,
         "settings": {k: getattr(args, k) for k in (
             "chunk_size", "mlp_width", "cnn_width", "repeats", "lanczos_k", "lanczos_iters",
-            "track_steps", "track_every")},
+            "track_steps", "track_every", "matmul_precision", "compare_default_precision")},
         "runs": {str(c): runs[c] for c in counts},
         "relative_error_vs_%d_device" % reference: agreement,
         "max_relative_error": worst,

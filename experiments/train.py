@@ -31,6 +31,8 @@ def main(argv):
     except (config_lib.ConfigError, data_lib.DataError, records.WorkdirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not distributed.is_main_process():  # process 0 writes the records and plots
+        return result.exit_code
     if cfg.plots:
         written = plots.plot_run(result.workdir)
         print(f"plots: {', '.join(str(p) for p in written)}", file=sys.stderr)

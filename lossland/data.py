@@ -193,7 +193,7 @@ def _mnist1d_block(seed: int, block: int):
             with np.load(path) as f:
                 return {k: f[k] for k in ("x", "y", "x_test", "y_test")}
         except Exception:  # a corrupt cache entry is regenerated, never trusted
-            path.unlink()
+            path.unlink(missing_ok=True)
     import mnist1d.data
 
     args = mnist1d.data.get_dataset_args()
@@ -211,7 +211,9 @@ def _mnist1d_block(seed: int, block: int):
               "x_test": generated["x_test"].astype(np.float32),
               "y_test": generated["y_test"].astype(np.int32)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
+    # A name of this process's own: in a multi-process run every process
+    # generates the same block and may write it at the same moment.
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, path)  # atomic: a reader never sees a half-written cache file
     return arrays

@@ -17,7 +17,7 @@ process, params are replicated, and XLA's collectives do the cross-host sums.
     set (explicit launch, e.g. one `ssh` per host), unless LOSSLAND_DISTRIBUTED=0.
 
 Otherwise it does nothing and the run is single-process (one or more local
-devices). See docs/MULTIHOST.md for launch lines.
+devices). Launch lines: BUILD_NOTES.md, "Data parallelism: devices, hosts, memory".
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import os
 from typing import Optional, Sequence
 
 import jax
+import numpy as np
 
 ENV_SWITCH = "LOSSLAND_DISTRIBUTED"
 _TRUE = ("1", "true", "yes", "auto", "on")
@@ -95,6 +96,32 @@ def maybe_initialize(*, coordinator_address: Optional[str] = None,
 def is_main_process() -> bool:
     """True on the process that writes records (process 0)."""
     return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (a no-op in a single process).
+
+    Used around the steps only process 0 performs (creating the workdir,
+    writing config.json, truncating records on resume), so no process reads
+    a half-prepared workdir or races ahead of the files it needs.
+    """
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when `flag` is True on at least one of them.
+
+    Control flow that depends on process-local events (a SIGTERM that reached
+    one host first) must be agreed on, or the processes would stop issuing the
+    same collectives and hang.
+    """
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.asarray(flag, np.int32))
+    return bool(np.any(flags))
 
 
 def describe() -> dict:

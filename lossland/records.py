@@ -135,14 +135,18 @@ class MetricsWriter:
     """Appends rows to a .jsonl file; each row is flushed and fsynced.
 
     The file is opened on the first write, so a writer that never writes
-    leaves no empty file behind.
+    leaves no empty file behind. A disabled writer (every process but the
+    first of a multi-process run) writes nothing.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, enabled: bool = True):
         self.path = path
+        self.enabled = enabled
         self._file = None
 
     def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
         if self._file is None:
             self._file = open(self.path, "a")
         self._file.write(json.dumps(to_jsonable(row), allow_nan=False) + "\n")

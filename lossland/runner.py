@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from lossland import checkpoints, config as config_lib, records
+from lossland import checkpoints, config as config_lib, distributed, records
 from lossland import data as data_lib
 from lossland import losses, models, objective as objective_lib, sharding
 from lossland import train as train_lib
@@ -69,6 +69,11 @@ class RunResult:
         return EXIT_CODES[self.status]
 
 
+def set_matmul_precision(name: str) -> None:
+    """Full float32 products ("highest") or the backend's fast mode ("default")."""
+    jax.config.update("jax_default_matmul_precision", None if name == "default" else name)
+
+
 def enable_dtype(dtype_name: str):
     """Switches JAX to 64-bit when asked; fails clearly where the backend cannot."""
     if dtype_name == "float64":
@@ -87,6 +92,7 @@ def build_experiment(cfg: config_lib.RunConfig) -> Experiment:
     """
     config_lib.validate(cfg)
     dtype = enable_dtype(cfg.dtype)
+    set_matmul_precision(cfg.matmul_precision)
     mesh = sharding.make_mesh(cfg.num_devices)
     x, y = data_lib.load(cfg.dataset, cfg.n_train, seed=cfg.seed, data_dir=cfg.data_dir,
                          input_dim=cfg.input_dim, num_classes=cfg.num_classes)
@@ -179,19 +185,41 @@ def _tracked_row(row_arrays: dict, lr: float) -> dict:
 
 def run(cfg: config_lib.RunConfig, *, progress: bool = True,
         experiment: Optional[Experiment] = None) -> RunResult:
-    """Runs (or resumes) one training run into cfg.workdir. See the module docstring."""
+    """Runs (or resumes) one training run into cfg.workdir. See the module docstring.
+
+    In a multi-process run every process calls this with the same cfg; only
+    process 0 writes records (config.json, metrics.jsonl, density.jsonl),
+    while all of them take part in the (orbax) checkpoints. The workdir must
+    then be on a filesystem every host sees.
+    """
     workdir = records.check_workdir(cfg.workdir, overwrite=cfg.overwrite, resume=cfg.resume)
     exp = experiment or build_experiment(cfg)
     state = checkpoints.initial_state(exp.model.params, exp.optimizer.init(exp.model.params),
                                       cfg.track_k if cfg.track_every else 1)
+    # Every process has checked the workdir before the first one changes it.
+    distributed.barrier("lossland:workdir-checked")
     if cfg.resume:
         state = _resume(workdir, cfg, state)
-    else:
+    elif distributed.is_main_process():
         records.prepare_workdir(workdir, overwrite=cfg.overwrite)
         records.write_config(workdir, cfg.asdict(), {
             "num_params": exp.model.num_params, "n_train": int(exp.x.shape[0]),
             "num_devices": sharding.mesh_size(exp.mesh)})
-    return _loop(exp, workdir, state, progress)
+    distributed.barrier("lossland:workdir-ready")
+    return _loop(exp, workdir, _place_state(state, exp.mesh), progress)
+
+
+def _place_state(state, mesh):
+    """The state's arrays replicated over the mesh (identity without one).
+
+    Fresh optimizer counters, the zero warm-start vectors and restored
+    checkpoints start as host or single-device arrays; in a multi-process run
+    every input of a jitted step must be a global array over the mesh.
+    """
+    if mesh is None:
+        return state
+    return state.replace(**{name: sharding.replicate(getattr(state, name), mesh)
+                            for name in ("params", "opt_state", "eigvecs", "displacement")})
 
 
 def run_status(workdir: str | Path) -> Optional[str]:
@@ -268,10 +296,11 @@ def _resume(workdir: Path, cfg: config_lib.RunConfig, template):
     if state is None:
         raise records.WorkdirError(f"--resume: no checkpoint in {workdir / records.CHECKPOINT_DIR}; "
                                    "the run cannot be resumed. Start afresh with --overwrite.")
-    for name in (records.METRICS_FILE, records.DENSITY_FILE):
-        if (workdir / name).exists():
-            records.truncate_rows_before(workdir / name, int(state.step))
-    print(f"resuming {workdir} from step {int(state.step)}", file=sys.stderr)
+    if distributed.is_main_process():  # the others wait at the workdir-ready barrier
+        for name in (records.METRICS_FILE, records.DENSITY_FILE):
+            if (workdir / name).exists():
+                records.truncate_rows_before(workdir / name, int(state.step))
+        print(f"resuming {workdir} from step {int(state.step)}", file=sys.stderr)
     return state
 
 
@@ -289,7 +318,8 @@ def _loop(exp: Experiment, workdir: Path, state, progress_enabled: bool) -> RunR
     sgd_batches = (sharding.MinibatchSource(exp.x, exp.y, cfg, exp.dtype, exp.mesh)
                    if cfg.optimizer not in train_lib.FULL_BATCH_OPTIMIZERS else None)
     base_key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
-    progress = _Progress(cfg.steps, int(state.step), progress_enabled)
+    is_main = distributed.is_main_process()
+    progress = _Progress(cfg.steps, int(state.step), progress_enabled and is_main)
     t0 = time.time() - float(state.wall_time)
 
     def save(state):
@@ -329,15 +359,17 @@ def _loop(exp: Experiment, workdir: Path, state, progress_enabled: bool) -> RunR
         return RunResult(status=status, step=step, workdir=workdir, last_row=row, message=message)
 
     last_row: dict = {}
-    with records.MetricsWriter(workdir / records.METRICS_FILE) as writer, \
-            records.MetricsWriter(workdir / records.DENSITY_FILE) as density_writer, \
-            _SignalFlag() as signals:
+    with records.MetricsWriter(workdir / records.METRICS_FILE, enabled=is_main) as writer, \
+            records.MetricsWriter(workdir / records.DENSITY_FILE, enabled=is_main) \
+            as density_writer, _SignalFlag() as signals:
         first_step = step = int(state.step)
         while True:
-            if signals.signum is not None:
+            # Processes stop together: a signal seen by any one stops them all.
+            if distributed.any_process(signals.signum is not None):
                 save(state)
                 manager.wait()
-                name = signal.Signals(signals.signum).name
+                name = (signal.Signals(signals.signum).name if signals.signum is not None
+                        else "a signal to another process")
                 result = finish(STATUS_INTERRUPTED, step, {},
                                 f"interrupted by {name} at step {step}; checkpoint saved. "
                                 f"Continue with --resume --workdir={workdir}.")
@@ -402,7 +434,7 @@ def _loop(exp: Experiment, workdir: Path, state, progress_enabled: bool) -> RunR
             progress.update(step, row["loss"], _progress_extra(last_row))
     manager.wait()
     manager.close()
-    if result.message:
+    if result.message and is_main:
         print(result.message, file=sys.stderr)
     return result
 

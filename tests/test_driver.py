@@ -75,6 +75,7 @@ BAD_FLAGS = [
     ("--steps=-1", "steps"),
     ("--chunk_size=0", "chunk_size"),
     ("--dtype=float16", "dtype"),
+    ("--matmul_precision=tf32", "matmul_precision"),
 ]
 
 

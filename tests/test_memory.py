@@ -1,4 +1,4 @@
-"""benchmarks/memory.py at small n: it runs and reports sane numbers (no thresholds).
+"""benchmarks/memory.py and benchmarks/scaling.py at small n: they run and report sane numbers.
 
 The memory target itself (peak(60000) − peak(5000) within 10% of the extra
 dataset bytes) is checked by running the full benchmark; at small n the
@@ -50,3 +50,30 @@ def test_memory_benchmark_reports_positive_finite_peaks(tmp_path):
         assert (check["n_small"], check["n_large"]) == (250, 500)
         assert check["extra_dataset_bytes"] > 0 and math.isfinite(check["ratio"])
         assert isinstance(check["within_10_percent"], bool)
+        # XLA's buffer assignment: the kernel's scratch does not grow with n.
+        assert check["extra_compiled_temp_bytes"] <= 0.1 * check["extra_dataset_bytes"], check
+
+
+@pytest.mark.skipif(not FASHION_DIR.exists(), reason=f"Fashion-MNIST not in {FASHION_DIR}")
+def test_scaling_benchmark_agrees_across_devices_and_precisions(tmp_path):
+    """benchmarks/scaling.py on 1 and 3 fake CPU devices (n=512 is padded on 3).
+
+    Also its TF32 comparison: on the CPU, float32 products are float32 at any
+    precision setting, so the "default precision" results equal the others.
+    """
+    output = tmp_path / "scaling.json"
+    result = run_module("benchmarks.scaling", "--platform=cpu", "--quick", "--devices=1,3",
+                        "--models=mlp", "--track_steps=0", "--compare_default_precision",
+                        f"--output={output}", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(output.read_text())
+    assert report["results_match"] is True, report["max_relative_error"]
+    assert set(report["max_relative_error"]) == {
+        f"mlp/{name}" for name in ("loss", "grad", "hvp", "gnvp", "eigenvalues")}
+    for count in ("1", "3"):
+        entry = report["runs"][count]["workloads"]["mlp"]
+        assert entry["lanczos_matvecs"] == 12 and len(entry["top_eigenvalues"]) == 3
+        assert all(entry[k] > 0 for k in ("grad_s", "hvp_s", "gnvp_s", "lanczos_s"))
+        errors = entry["default_precision"]["relative_error"]
+        assert set(errors) == {"loss", "grad", "hvp", "gnvp"}
+        assert max(errors.values()) <= 1e-6, errors

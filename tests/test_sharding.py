@@ -243,7 +243,47 @@ def _assert_rows_close(got: list[dict], want: list[dict], rtol: float, keys=None
                 f"(error {err:.3g} > {rtol:g} x scale {scale:.3g})")
 
 
-def test_driver_records_do_not_depend_on_device_count(tmp_path):
+DRIVER_FLAGS = ["--n_train=70", "--chunk_size=32", "--width=16", "--depth=1", "--log_every=1",
+                "--track_every=2", "--track_k=2", "--lanczos_iters=12", "--noplots"]
+
+
+def _driver(workdir: Path, num_devices: int, *flags: str, **extra) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "experiments.train", *DRIVER_FLAGS, f"--workdir={workdir}",
+         *flags], cwd=REPO, env=_env(num_devices, **extra),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _driver_processes(workdir: Path, *flags: str, count: int = 2) -> list[subprocess.Popen]:
+    """One driver command run as `count` processes of 2 CPU devices (jax.distributed)."""
+    port = _free_port()
+    return [_driver(workdir, 2, *flags, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                    JAX_NUM_PROCESSES=str(count), JAX_PROCESS_ID=str(i)) for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def driver_runs(tmp_path_factory):
+    """Four runs of the same 4 steps, started together.
+
+    float32 on 1 and on 4 devices, float64 on 4 devices, and two processes of
+    2 devices each that stop at step 2 and are resumed (again as two
+    processes) to step 4: the multi-host path through checkpoints and resume.
+    """
+    tmp = tmp_path_factory.mktemp("driver")
+    workdirs = {key: tmp / f"{key[0]}_{key[1]}" for key in
+                (("float32", 1), ("float32", 4), ("float64", 4), ("float32", "2x2"))}
+    processes = [_driver(workdirs[dtype, devices], devices, f"--dtype={dtype}", "--steps=4",
+                         f"--num_devices={devices}")
+                 for dtype, devices in workdirs if devices != "2x2"]
+    processes += _driver_processes(workdirs["float32", "2x2"], "--steps=2")
+    for process in processes:
+        _finish(process)
+    for process in _driver_processes(workdirs["float32", "2x2"], "--steps=4", "--resume"):
+        _finish(process)
+    return workdirs
+
+
+def test_driver_records_do_not_depend_on_device_count(driver_runs):
     """experiments.train with --num_devices=4 writes the records of --num_devices=1.
 
     n=70 in chunks of 32 is padded on 4 devices. A float64 run on 4 devices
@@ -252,28 +292,63 @@ def test_driver_records_do_not_depend_on_device_count(tmp_path):
     float32 rounding. (Its tracked eigenvectors need not: 12 Lanczos steps
     leave them unconverged, and float32 and float64 Krylov bases part ways.)
     """
-    common = ["--n_train=70", "--chunk_size=32", "--width=16", "--depth=1", "--steps=4",
-              "--log_every=1", "--track_every=2", "--track_k=2", "--lanczos_iters=12",
-              "--noplots"]
-    runs = {}
-    for dtype, devices in (("float32", 1), ("float32", 4), ("float64", 4)):
-        workdir = tmp_path / f"{dtype}_{devices}"
-        runs[dtype, devices] = (workdir, subprocess.Popen(
-            [sys.executable, "-m", "experiments.train", *common, f"--dtype={dtype}",
-             f"--num_devices={devices}", f"--workdir={workdir}"], cwd=REPO, env=_env(4),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    for workdir, process in runs.values():
-        _finish(process)
-    for key in runs:
-        config = json.loads((runs[key][0] / "config.json").read_text())
-        assert config["num_devices"] == key[1] and config["flags"]["dtype"] == key[0]
-    one = _records(runs["float32", 1][0])
+    for (dtype, devices), workdir in driver_runs.items():
+        if devices == "2x2":
+            continue
+        config = json.loads((workdir / "config.json").read_text())
+        assert config["num_devices"] == devices and config["flags"]["dtype"] == dtype
+    one = _records(driver_runs["float32", 1])
     assert one[-1]["status"] == "finished" and len(one) == 5
     assert sum("eigenvalues" in row for row in one) == 3
-    _assert_rows_close(_records(runs["float32", 4][0]), one, 1e-5)
+    _assert_rows_close(_records(driver_runs["float32", 4]), one, 1e-5)
     trajectory = {"step", "loss", "accuracy", "grad_norm", "param_norm", "update_norm", "lr",
                   "status", "stop_reason"}
-    _assert_rows_close(_records(runs["float64", 4][0]), one, 1e-5, keys=trajectory)
+    _assert_rows_close(_records(driver_runs["float64", 4]), one, 1e-5, keys=trajectory)
+
+
+def test_driver_two_processes_write_the_records_of_one(driver_runs):
+    """2 processes × 2 devices, stopped at step 2 and resumed: one device's records.
+
+    Only process 0 writes: a second writer would duplicate every row. The
+    resumed run drops the first run's status row and continues from the
+    step-2 checkpoint, which both processes saved and restored together.
+    """
+    workdir = driver_runs["float32", "2x2"]
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["process_count"] == 2 and config["num_devices"] == 4
+    rows = _records(workdir)
+    assert [row["step"] for row in rows] == [0, 1, 2, 3, 4]
+    _assert_rows_close(rows, _records(driver_runs["float32", 1]), 1e-5)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
+
+
+def test_a_signal_to_one_process_stops_all(tmp_path):
+    """SIGTERM reaching one process of two stops both at the same step, checkpointed.
+
+    The processes agree on stopping every step; without that, the signalled
+    one would leave and the other would hang in its next collective.
+    """
+    import signal
+    import time
+
+    workdir = tmp_path / "run"
+    processes = _driver_processes(workdir, "--steps=100000", "--track_every=0",
+                                  "--checkpoint_every=0")
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert time.time() < deadline and all(p.poll() is None for p in processes), (
+            [p.communicate()[0][-2000:] for p in processes if p.poll() is not None])
+        time.sleep(0.2)
+    processes[1].send_signal(signal.SIGTERM)   # not the process that writes the records
+    outputs = [p.communicate(timeout=120)[0] for p in processes]
+    assert [p.returncode for p in processes] == [130, 130], [o[-2000:] for o in outputs]
+    rows = _records(workdir)
+    last = rows[-1]
+    assert last["status"] == "interrupted"
+    assert [row["step"] for row in rows[:-1]] == list(range(last["step"]))
+    assert (workdir / "checkpoints" / str(last["step"])).exists()
+    assert "Continue with --resume" in outputs[0]
 
 
 if __name__ == "__main__":
