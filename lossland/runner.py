@@ -210,14 +210,13 @@ def run(cfg: config_lib.RunConfig, *, progress: bool = True,
 
 
 def _place_state(state, mesh):
-    """The state's arrays replicated over the mesh (identity without one).
+    """The state's arrays replicated over the mesh (or committed to the one device).
 
     Fresh optimizer counters, the zero warm-start vectors and restored
-    checkpoints start as host or single-device arrays; in a multi-process run
-    every input of a jitted step must be a global array over the mesh.
+    checkpoints start as host or uncommitted arrays. In a multi-process run
+    every input of a jitted step must be a global array over the mesh; in any
+    run, inputs placed like the step's own outputs keep it to one compilation.
     """
-    if mesh is None:
-        return state
     return state.replace(**{name: sharding.replicate(getattr(state, name), mesh)
                             for name in ("params", "opt_state", "eigvecs", "displacement")})
 

@@ -179,9 +179,12 @@ def shard_data(data: objective_lib.ChunkedData, mesh: Mesh | None) -> objective_
 
 
 def replicate(tree, mesh: Mesh | None):
-    """Every leaf replicated on every device of the mesh (identity without a mesh)."""
-    if mesh is None:
-        return tree
+    """Every leaf replicated on every device of the mesh; without one, on the first device.
+
+    Either way the leaves are *committed* to their devices, like every output of
+    a jitted step. jit keys its cache on that: feeding a step uncommitted
+    initial params and then its own committed outputs compiles it twice.
+    """
     sharding = replicated_sharding(mesh)
     return jax.tree_util.tree_map(lambda leaf: _put(leaf, sharding), tree)
 
