@@ -38,6 +38,7 @@ from absl import app, flags, logging
 from lossland import config as config_lib
 from lossland import data as data_lib
 from lossland import losses, models, records, verdicts
+from lossland.fits import finite_or_nan, fit_scaling, nanmax, nanmean, nanmedian
 
 PRESETS = {
     # For tests: tiny and fast (< ~1 min on 2 CPU cores).
@@ -255,21 +256,6 @@ def run_point(point: GridPoint, cfg, *, overwrite: bool, progress: bool) -> tupl
 # Records → per-run rows → summary
 # ----------------------------------------------------------------------------
 
-def _num(value) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
-        and math.isfinite(value) else float("nan")
-
-
-def _nanmax(values) -> float:
-    values = [v for v in map(_num, values) if math.isfinite(v)]
-    return max(values) if values else float("nan")
-
-
-def _nanmean(values) -> float:
-    values = [v for v in map(_num, values) if math.isfinite(v)]
-    return sum(values) / len(values) if values else float("nan")
-
-
 def late_window(rows: list[dict], threshold: float) -> tuple[int | None, list[dict]]:
     """(EoS onset step, probed rows of the late window); see verdicts.c2_verdict.
 
@@ -306,23 +292,27 @@ def run_row(point: GridPoint, run_dir: Path, threshold: float) -> dict:
     row["lambda1"] = eigenvalues[0]
     # A quadratic valley of curvature λ1 along v1 gives max ‖∇L‖ ≈ λ1·(s_max + |s*|) on the
     # probe (the slope at the far end dominates): the ratio tells a smooth valley from a spike.
-    reference = _num(row["lambda1"]) * (_num(row["probe_s_max"]) + _num(row["valley_distance"]))
-    row["probe_v1_quadratic_ratio"] = _num(final.get("probe_v1_max_grad_norm")) / reference \
-        if reference > 0 else float("nan")
+    lambda1, s_max, valley = (finite_or_nan(row[key]) for key in
+                              ("lambda1", "probe_s_max", "valley_distance"))
+    reference = lambda1 * (s_max + valley)
+    row["probe_v1_quadratic_ratio"] = (finite_or_nan(final.get("probe_v1_max_grad_norm"))
+                                       / reference if reference > 0 else float("nan"))
     probe_keys = {k: v for k, v in final.items() if k.startswith("probe_")}
     row.update(probe_keys)
     suffix = "_max_grad_norm"
     directions = sorted(k[len("probe_"):-len(suffix)] for k in probe_keys if k.endswith(suffix))
     randoms = [d for d in directions if d.startswith("rand")]
     for quantity in ("max_grad_norm", "max_curvature"):
-        row[f"probe_{quantity}"] = _nanmax(final.get(f"probe_{d}_{quantity}") for d in directions)
-        row[f"probe_rand_{quantity}"] = _nanmax(final.get(f"probe_{d}_{quantity}") for d in randoms)
+        row[f"probe_{quantity}"] = nanmax(final.get(f"probe_{d}_{quantity}")
+                                          for d in directions)
+        row[f"probe_rand_{quantity}"] = nanmax(final.get(f"probe_{d}_{quantity}")
+                                               for d in randoms)
     for d in ("v1", "grad", "disp"):
         for kind in ("slope", "curvature"):
-            row[f"probe_{d}_{kind}_exponent"] = _nanmean(
+            row[f"probe_{d}_{kind}_exponent"] = nanmean(
                 final.get(f"probe_{d}_{kind}_exponent_{side}") for side in ("left", "right"))
     onset, window = late_window(rows, threshold)
-    distances = [_num(r.get("valley_distance")) for r in window]
+    distances = [finite_or_nan(r.get("valley_distance")) for r in window]
     distances = [d for d in distances if math.isfinite(d)]
     row["eos_onset_step"] = onset
     row["valley_distance_late"] = float(np.median(distances)) if distances else float("nan")
@@ -333,85 +323,6 @@ def run_row(point: GridPoint, run_dir: Path, threshold: float) -> dict:
     row["valley_distance_init"] = first.get("valley_distance")
     row["valley_init_at_edge"] = first.get("valley_at_edge")
     return records.to_jsonable(row)
-
-
-def fit_scaling(n_values, values, *, scale: str = "log", num_bootstrap: int = 2000,
-                confidence: float = 0.95, seed: int = 0) -> dict:
-    """Slope of y against N with an interval that accounts for seeds and for scatter.
-
-    Args:
-      n_values: (K,) sizes N, increasing.
-      values: (K, S) the quantity per N and seed (NaN = missing).
-      scale: "log" fits log y on log N (y ∝ N^slope; y ≤ 0 dropped);
-        "linear" fits y on log10 N (change per decade).
-    The point estimate is the OLS slope of the per-N mean (of log y, or y) over
-    seeds. Two intervals are computed:
-      * boot_ci: bootstrap over seeds. Each replicate resamples, independently at
-        every N, that N's seeds with replacement; the resampled means are
-        rescaled by √(k/(k−1)) about the observed mean, the usual correction for
-        the bootstrap's underdispersion with few (k) seeds; percentile interval.
-      * ols_ci: the Student-t interval of the OLS slope of the K per-N means, which
-        also counts scatter of the means about the power law.
-    ci (used by the verdicts) is their hull, so neither source of error is ignored.
-    The tail fit repeats all this over the largest max(4, ⌈K/2⌉) sizes when K ≥ 5.
-    """
-    n = np.asarray(n_values, np.float64)
-    y = np.array(values, np.float64)
-    if scale == "log":
-        y = np.log(np.where(y > 0, y, np.nan))
-    x = np.log(n) if scale == "log" else np.log10(n)
-    per_n = [row[np.isfinite(row)] for row in y]
-    keep = np.array([len(v) > 0 for v in per_n], bool)
-    groups = [v for v in per_n if len(v)]
-    nan = float("nan")
-    out = {"scale": scale, "n": [int(v) for v in n[keep]], "num_n": int(keep.sum()),
-           "num_seeds": int(min((len(v) for v in groups), default=0)),
-           "center": [float(np.exp(v.mean()) if scale == "log" else v.mean()) for v in groups]}
-    out.update(_slope_intervals(x[keep], groups, num_bootstrap, confidence, seed))
-    k = len(groups)
-    if k >= 5:
-        m = max(4, math.ceil(k / 2))
-        tail = _slope_intervals(x[keep][-m:], groups[-m:], num_bootstrap, confidence, seed + 1)
-        out.update({f"tail_{key}": value for key, value in tail.items()})
-        out["tail_n_min"] = int(n[keep][-m])
-    else:
-        out.update({f"tail_{key}": nan for key in _slope_intervals(x[:0], [], 0, confidence, 0)})
-        out["tail_n_min"] = None
-    return out
-
-
-def _slope_intervals(x, groups, num_bootstrap, confidence, seed) -> dict:
-    import scipy.stats
-
-    nan = float("nan")
-    out = dict(slope=nan, ci_low=nan, ci_high=nan, boot_ci_low=nan, boot_ci_high=nan,
-               ols_ci_low=nan, ols_ci_high=nan)
-    if len(x) < 2:
-        return out
-    xc = x - x.mean()
-    sxx = float(xc @ xc)
-    means = np.array([g.mean() for g in groups])
-    slope = float(xc @ (means - means.mean()) / sxx)
-    out["slope"] = slope
-    alpha = (1 - confidence) / 2
-    if len(x) >= 3:
-        residual = means - means.mean() - slope * xc
-        stderr = math.sqrt(float(residual @ residual) / (len(x) - 2) / sxx)
-        half = float(scipy.stats.t.ppf(1 - alpha, len(x) - 2)) * stderr
-        out.update(ols_ci_low=slope - half, ols_ci_high=slope + half)
-    if min(len(g) for g in groups) >= 2:   # one seed somewhere: nothing to resample
-        rng = np.random.default_rng(seed)
-        boot = np.stack([g.mean() + math.sqrt(len(g) / (len(g) - 1)) *
-                         (g[rng.integers(0, len(g), size=(num_bootstrap, len(g)))].mean(axis=1)
-                          - g.mean()) for g in groups], axis=1)          # (B, K)
-        slopes = (boot - boot.mean(axis=1, keepdims=True)) @ xc / sxx
-        low, high = np.quantile(slopes, [alpha, 1 - alpha])
-        out.update(boot_ci_low=float(low), boot_ci_high=float(high))
-    lows = [v for v in (out["boot_ci_low"], out["ols_ci_low"]) if math.isfinite(v)]
-    highs = [v for v in (out["boot_ci_high"], out["ols_ci_high"]) if math.isfinite(v)]
-    if math.isfinite(out["boot_ci_low"]) and lows:   # an interval needs the seed bootstrap
-        out.update(ci_low=min(lows), ci_high=max(highs))
-    return out
 
 
 def summarize(rows: list[dict], settings: dict) -> dict:
@@ -433,7 +344,7 @@ def summarize(rows: list[dict], settings: dict) -> dict:
         for key, (_, scale) in QUANTITIES.items():
             table = np.full((len(sizes), len(seeds)), np.nan)
             for r in done:
-                table[sizes.index(r["n"]), seeds.index(r["seed"])] = _num(r.get(key))
+                table[sizes.index(r["n"]), seeds.index(r["seed"])] = finite_or_nan(r.get(key))
             if not np.isfinite(table).any():
                 continue
             fit = fit_scaling(sizes, table, scale=scale, num_bootstrap=settings["num_bootstrap"],
@@ -441,16 +352,16 @@ def summarize(rows: list[dict], settings: dict) -> dict:
             fit["values"] = {str(seed): table[:, j].tolist() for j, seed in enumerate(seeds)}
             fit["all_n"] = sizes
             entry["quantities"][key] = fit
-        late = [_num(r.get("valley_distance_late")) for r in done]
-        init = [_num(r.get("valley_distance_init")) for r in done]
+        late = [finite_or_nan(r.get("valley_distance_late")) for r in done]
+        init = [finite_or_nan(r.get("valley_distance_init")) for r in done]
         entry["c2"] = {
-            "late_median": _median(late), "init_median": _median(init),
-            "late_edge_fraction": _nanmean(r.get("valley_late_edge_fraction") for r in done),
-            "init_edge_fraction": _nanmean(
+            "late_median": nanmedian(late), "init_median": nanmedian(init),
+            "late_edge_fraction": nanmean(r.get("valley_late_edge_fraction") for r in done),
+            "init_edge_fraction": nanmean(
                 float(bool(r.get("valley_init_at_edge"))) for r in done
                 if r.get("valley_init_at_edge") is not None),
         }
-        entry["shape"] = {key: _median([_num(r.get(key)) for r in done]) for key in
+        entry["shape"] = {key: nanmedian([finite_or_nan(r.get(key)) for r in done]) for key in
                           ("probe_v1_slope_exponent", "probe_v1_curvature_exponent",
                            "probe_v1_quadratic_ratio")}
         groups[group] = entry
@@ -462,11 +373,6 @@ def summarize(rows: list[dict], settings: dict) -> dict:
         "quantities": {k: {"label": label, "scale": scale}
                        for k, (label, scale) in QUANTITIES.items()},
         "groups": groups})
-
-
-def _median(values) -> float:
-    values = [v for v in values if math.isfinite(v)]
-    return float(np.median(values)) if values else float("nan")
 
 
 def _setup_text(s: dict) -> str:

@@ -12,7 +12,6 @@ import pytest
 
 from conftest import REPO, run_module
 from lossland import records, runner
-from lossland.config import RunConfig
 
 FAST = ["--n_train=64", "--width=16", "--depth=1", "--log_every=1"]
 ROW_KEYS = {"step", "loss", "accuracy", "grad_norm", "param_norm", "update_norm", "lr", "wall_time"}

@@ -2,7 +2,7 @@
 
 import re
 
-from conftest import REPO, run_module
+from conftest import REPO
 
 
 def test_readme_embeds_the_example_verbatim():

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import run_module
 from experiments import sweep_n
-from lossland import records, verdicts
+from lossland import fits, records, verdicts
 
 SETTINGS = dict(num_bootstrap=1000, confidence=0.95, lr=0.05, probe_s_max=0.05,
                 eos_threshold=0.9, hold_steps=100, max_steps=1000, dataset=["mnist1d"],
@@ -21,21 +21,21 @@ def test_fit_scaling_recovers_exponent_and_interval():
     rng = np.random.default_rng(0)
     n = np.array([250, 500, 1000, 2000, 4000, 8000])
     growing = 3.0 * n[:, None] ** 0.4 * np.exp(0.05 * rng.normal(size=(6, 3)))
-    fit = sweep_n.fit_scaling(n, growing, num_bootstrap=2000)
+    fit = fits.fit_scaling(n, growing, num_bootstrap=2000)
     assert fit["slope"] == pytest.approx(0.4, abs=0.03)
     assert 0 < fit["ci_low"] < 0.4 < fit["ci_high"]
     assert fit["tail_n_min"] == 1000 and fit["tail_ci_low"] > 0
     flat = 2.0 * np.exp(0.05 * rng.normal(size=(6, 3)))
-    fit = sweep_n.fit_scaling(n, flat, num_bootstrap=2000)
+    fit = fits.fit_scaling(n, flat, num_bootstrap=2000)
     assert fit["ci_low"] < 0 < fit["ci_high"]
     # Exponents (may be ≤ 0) are fitted on a linear axis against log10 N.
     exps = -0.1 * np.log10(n)[:, None] + 1.0 + 0.01 * rng.normal(size=(6, 3))
-    fit = sweep_n.fit_scaling(n, exps, scale="linear", num_bootstrap=2000)
+    fit = fits.fit_scaling(n, exps, scale="linear", num_bootstrap=2000)
     assert fit["slope"] == pytest.approx(-0.1, abs=0.02) and fit["ci_high"] < 0
     # One seed: a slope but no interval; one size: nothing.
-    one_seed = sweep_n.fit_scaling(n, growing[:, :1])
+    one_seed = fits.fit_scaling(n, growing[:, :1])
     assert np.isfinite(one_seed["slope"]) and np.isnan(one_seed["ci_low"])
-    assert np.isnan(sweep_n.fit_scaling(n[:1], growing[:1])["slope"])
+    assert np.isnan(fits.fit_scaling(n[:1], growing[:1])["slope"])
 
 
 def _synthetic_rows(rng):
