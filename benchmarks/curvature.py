@@ -50,7 +50,8 @@ import scipy.linalg
 from jax.flatten_util import ravel_pytree
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
-from lossland import curvature, data, losses, models, objective
+from lossland import config as config_lib
+from lossland import curvature, data, losses, models, objective, runner
 
 REL_ACC = 1e-3
 WORKLOADS = {
@@ -98,7 +99,8 @@ def parse_args(argv=None):
     p.add_argument("--eigsh_maxiter", type=int, default=25,
                    help="ARPACK restarts allowed (guards tol=0 against float32 noise)")
     p.add_argument("--skip_eigsh", action="store_true")
-    p.add_argument("--matmul_precision", default="highest", choices=["highest", "default"],
+    p.add_argument("--matmul_precision", default="highest",
+                   choices=list(config_lib.MATMUL_PRECISIONS),
                    help="float32 matrix products: full (the driver's default) or the "
                    "backend's fast mode (TF32 on NVIDIA Ampere+; no change on CPU)")
     args = p.parse_args(argv)
@@ -432,8 +434,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.ref_dtype == "float64":
         jax.config.update("jax_enable_x64", True)   # every other array is explicitly float32
-    jax.config.update("jax_default_matmul_precision",
-                      None if args.matmul_precision == "default" else args.matmul_precision)
+    runner.set_matmul_precision(args.matmul_precision)
     ks = [int(k) for k in args.ks.split(",")]
     tols = [float(t) for t in args.tols.split(",")]
     names = [w for w in args.workloads.split(",") if w]

@@ -106,10 +106,9 @@ def _child(args) -> dict:
     import jax.numpy as jnp
     from jax.flatten_util import ravel_pytree
 
-    from lossland import config, data, losses, models, objective, sharding
+    from lossland import config, data, losses, models, objective, runner, sharding
 
-    jax.config.update("jax_default_matmul_precision",
-                      None if args.matmul_precision == "default" else args.matmul_precision)
+    runner.set_matmul_precision(args.matmul_precision)
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     dtype = jnp.float64 if args.dtype == "float64" else jnp.float32
@@ -159,7 +158,6 @@ def _child(args) -> dict:
                     track_every=args.track_every, track_k=args.lanczos_k,
                     lanczos_iters=args.lanczos_iters, overwrite=True)
                 try:
-                    from lossland import runner  # needs the tracker (lossland.tracking)
                     start = time.perf_counter()
                     result = runner.run(cfg, progress=False)
                     total = time.perf_counter() - start
@@ -213,7 +211,8 @@ def _parse(argv=None):
     parser.add_argument("--chunk_size", type=int, default=None,
                         help="default: 4096 on GPU, 1000 on CPU")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    parser.add_argument("--matmul_precision", default="highest", choices=("highest", "default"),
+    parser.add_argument("--matmul_precision", default="highest",
+                        choices=("highest", "default"),  # config.MATMUL_PRECISIONS
                         help="float32 matrix products: full (highest, the driver's default) "
                         "or the backend's fast mode (default: TF32 on NVIDIA Ampere+)")
     parser.add_argument("--compare_default_precision", default=None,
