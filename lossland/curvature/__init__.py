@@ -1,0 +1,39 @@
+"""Curvature kernels on pytrees and flat vectors.
+
+Public API (a promise to users; keep these names and signatures):
+
+    hvp(loss_fn, params, v)                        Hessian-vector product
+    gnvp(model_fn, output_loss_fn, params, v)      Gauss–Newton-vector product
+    lanczos_top_k(matvec, v0, k, num_iters, *, tol=None, init_vectors=None, which="largest")
+                                                   top-k eigenpairs (Lanczos, full reorth.)
+    slq_density(matvec, v0, key, num_probes, num_iters, grid, sigma)
+                                                   spectral density (stochastic Lanczos quadrature)
+    hutchinson_trace(matvec, v0, key, num_probes)  trace estimate with its standard error
+
+Matvecs act on flat (P,) vectors; `lossland.objective.flat_matvec` wraps a
+pytree product such as `Objective.hvp_fn` into one.
+
+Full-batch chunked forms of hvp and gnvp live in `lossland.objective`
+(`full_batch_hvp`, `full_batch_gnvp`, `Objective.hvp`, `Objective.gnvp`).
+
+Modules (one idea each):
+    products    hvp, gnvp: one product with one vector
+    basis       the Krylov basis buffer and twice-repeated Gram–Schmidt
+    ritz        Ritz pairs and residual estimates from the Krylov coefficients
+    operators   compiled_call: a solver body and its matvec as one jit program
+    lanczos     krylov_decomposition, warm_start_vector, lanczos_top_k
+    stochastic  slq_density, hutchinson_trace
+"""
+
+from lossland.curvature.lanczos import (KrylovState, LanczosResult, krylov_decomposition,
+                                        lanczos_top_k, warm_start_vector)
+from lossland.curvature.products import gnvp, hvp
+from lossland.curvature.ritz import ritz_pairs, ritz_residual_estimates
+from lossland.curvature.stochastic import (HutchinsonResult, SLQResult, hutchinson_trace,
+                                           slq_density)
+
+__all__ = [
+    "HutchinsonResult", "KrylovState", "LanczosResult", "SLQResult", "gnvp", "hutchinson_trace",
+    "hvp", "krylov_decomposition", "lanczos_top_k", "ritz_pairs", "ritz_residual_estimates",
+    "slq_density", "warm_start_vector",
+]
