@@ -14,7 +14,9 @@ matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lossland import records  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+
+from lossland import records, verdicts  # noqa: E402
 
 
 
@@ -165,3 +167,112 @@ def plot_sharpness_overlay(workdirs: Sequence[str | Path], path: str | Path,
         label = labels[index] if labels else f"η={lr:g}" if lr else workdir.name
         runs.append((label, records.read_metrics(workdir), lr))
     return plot_sharpness(runs, Path(path), title="sharpness against step")
+
+
+def plot_variant_overlay(runs: dict[str, list[dict]], path: Path, title: str) -> Path:
+    """Loss against step for every variant (log y), and χ_k where tracked."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for name, rows in runs.items():
+        steps, loss = records.scalar_rows(rows, "loss")
+        keep = loss > 0
+        axes[0].plot(steps[keep], loss[keep], lw=1.2, label=name)
+        steps, chi = records.scalar_rows([r for r in rows if "status" not in r], "chi_k")
+        if steps.size:
+            axes[1].plot(steps, chi, lw=1.0, label=name)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("full-batch training loss")
+    axes[1].set_ylabel("χ_k = ‖V_kᵀg‖²/‖g‖²")
+    axes[1].set_ylim(-0.02, 1.02)
+    for ax in axes:
+        ax.set_xlabel("step after the shared start")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------
+# Dataset-size sweeps (summary.json of experiments/sweep_n.py)
+# ----------------------------------------------------------------------------
+
+def plot_scaling_summary(summary: dict, out_dir: Path) -> list[Path]:
+    """One PNG per quantity: value against N (log–log), a line per activation, a panel per
+    dataset/loss; per-seed values as dots, the per-N center as a line."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    panels = sorted({(g["dataset"], g["loss"]) for g in summary["groups"].values()})
+    written = []
+    for key, meta in summary["quantities"].items():
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
+        drew = False
+        for ax, (dataset, loss) in zip(axes[0], panels):
+            for index, group in enumerate(g for g in summary["groups"].values()
+                                          if (g["dataset"], g["loss"]) == (dataset, loss)):
+                fit = group["quantities"].get(key)
+                if not fit:
+                    continue
+                color = f"C{index}"
+                for values in fit["values"].values():
+                    ax.plot(fit["all_n"], values, "o", color=color, alpha=0.35, ms=4)
+                label = (f"{group['activation']}: slope {verdicts.fmt(fit['slope'])} "
+                         f"{verdicts.fmt_interval(fit['ci_low'], fit['ci_high'])}")
+                ax.plot(fit["n"], fit["center"], "-", color=color, lw=1.6, label=label)
+                drew = True
+            ax.set_xscale("log")
+            if meta["scale"] == "log":
+                ax.set_yscale("log")
+            sizes = sorted({n for g in summary["groups"].values()
+                            for n in g["quantities"].get(key, {}).get("all_n", [])})
+            ax.set_xticks(sizes, [str(n) for n in sizes], fontsize=7)
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xlabel("training-set size N")
+            ax.set_ylabel(meta["label"])
+            ax.set_title(f"{dataset} / {loss}", fontsize=9)
+            ax.grid(alpha=0.3, which="both")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+        if drew:
+            fig.tight_layout()
+            path = out_dir / f"{key}.png"
+            fig.savefig(path, dpi=110)
+            written.append(path)
+        plt.close(fig)
+    return written
+
+
+def plot_valley_distance(points, run_dir_of, out_dir: Path) -> Path | None:
+    """|s*(t)| along v1 over training, one panel per group, colored by N (claim C2).
+
+    `points` are `scaling.GridPoint`s; `run_dir_of(point)` is the run directory of each.
+    """
+    groups = list(dict.fromkeys(p.group for p in points))
+    sizes = sorted({p.n for p in points})
+    cmap = plt.get_cmap("viridis")
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
+    drew = False
+    for ax, group in zip(axes[0], groups):
+        for p in (p for p in points if p.group == group):
+            path = run_dir_of(p) / records.METRICS_FILE
+            if not path.exists():
+                continue
+            steps, values = records.scalar_rows(records.read_metrics(path), "valley_distance")
+            if len(steps):
+                color = cmap(sizes.index(p.n) / max(len(sizes) - 1, 1))
+                ax.plot(steps, values, "-o", color=color, ms=3, lw=1, alpha=0.8,
+                        label=f"N={p.n}" if p.seed == points[0].seed else None)
+                drew = True
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("|s*| along v1")
+        ax.set_title(group, fontsize=9)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    path = None
+    if drew:
+        fig.tight_layout()
+        path = out_dir / "valley_distance_vs_step.png"
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+

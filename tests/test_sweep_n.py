@@ -8,7 +8,7 @@ import pytest
 
 from conftest import run_module
 from experiments import sweep_n
-from lossland import fits, records, verdicts
+from lossland import fits, records, scaling, verdicts
 
 SETTINGS = dict(num_bootstrap=1000, confidence=0.95, lr=0.05, probe_s_max=0.05,
                 eos_threshold=0.9, hold_steps=100, max_steps=1000, dataset=["mnist1d"],
@@ -45,7 +45,7 @@ def _synthetic_rows(rng):
         for n in SETTINGS["n_values"]:
             for seed in SETTINGS["seeds"]:
                 noise = np.exp(0.05 * rng.normal())
-                point = sweep_n.GridPoint("mnist1d", "mse", activation, n, seed)
+                point = scaling.GridPoint("mnist1d", "mse", activation, n, seed)
                 rows.append({"name": point.name, "group": point.group, "dataset": "mnist1d",
                              "loss": "mse", "activation": activation, "n": n, "seed": seed,
                              "status": "finished", "stop_reason": "eos_hold",
@@ -60,7 +60,7 @@ def _synthetic_rows(rng):
 
 
 def test_verdict_follows_the_numbers():
-    summary = sweep_n.summarize(_synthetic_rows(np.random.default_rng(1)), SETTINGS)
+    summary = scaling.summarize(_synthetic_rows(np.random.default_rng(1)), SETTINGS)
     relu = summary["groups"]["mnist1d/mse/relu"]["quantities"]["probe_max_grad_norm"]
     tanh = summary["groups"]["mnist1d/mse/tanh"]["quantities"]["probe_max_grad_norm"]
     assert relu["ci_low"] > 0 and tanh["ci_low"] < 0 < tanh["ci_high"]
@@ -79,7 +79,7 @@ def test_verdict_follows_the_numbers():
     swapped = [dict(r, activation={"relu": "tanh", "tanh": "relu"}[r["activation"]],
                     group="mnist1d/mse/" + {"relu": "tanh", "tanh": "relu"}[r["activation"]])
                for r in _synthetic_rows(np.random.default_rng(1))]
-    text = verdicts.c1_verdict(sweep_n.summarize(swapped, SETTINGS))
+    text = verdicts.c1_verdict(scaling.summarize(swapped, SETTINGS))
     tanh_part = text.split("**mnist1d / mse / tanh**")[1]
     assert re.search(r"grows as N\^0\.(49|50|51) ", tanh_part.splitlines()[1])
 
@@ -109,9 +109,9 @@ def test_late_window_is_the_final_edge_of_stability_stretch():
             {"step": 30, "stability_ratio": 0.92, "valley_distance": 0.004},
             {"step": 40, "stability_ratio": 0.97, "valley_distance": 0.002},
             {"step": 40, "status": "finished", "stability_ratio": 0.97, "valley_distance": 0.003}]
-    onset, window = sweep_n.late_window(rows, 0.9)
+    onset, window = scaling.late_window(rows, 0.9)
     assert onset == 30 and [r["valley_distance"] for r in window] == [0.004, 0.002, 0.003]
-    onset, window = sweep_n.late_window([dict(r, stability_ratio=0.1) for r in rows], 0.9)
+    onset, window = scaling.late_window([dict(r, stability_ratio=0.1) for r in rows], 0.9)
     assert onset is None and [r["valley_distance"] for r in window] == [0.002, 0.003]
 
 
