@@ -1,0 +1,106 @@
+"""The experiment build: from a validated RunConfig to data, model, objective and step.
+
+Owns: the process-wide numerics set-up (float64, matmul precision), the data
+load and its placement over the mesh, the model, the objective, the optimizer
+(with its optional Dom/Bulk projection) and the jitted train step, and the
+placement of a training state over the mesh.
+
+Must not: touch the workdir (no file is read or written here beyond the
+dataset), decide about resuming, or run any training step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lossland import config as config_lib
+from lossland import data as data_lib
+from lossland import losses, models, objective as objective_lib, sharding
+from lossland import train as train_lib
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything a run needs, built from a RunConfig (no files touched)."""
+    cfg: config_lib.RunConfig
+    x: np.ndarray
+    y: np.ndarray
+    model: models.Model
+    objective: objective_lib.Objective
+    optimizer: Any
+    train_step: Any
+    dtype: Any
+    mesh: Any
+
+
+def set_matmul_precision(name: str) -> None:
+    """Full float32 products ("highest") or the backend's fast mode ("default")."""
+    jax.config.update("jax_default_matmul_precision", None if name == "default" else name)
+
+
+def enable_dtype(dtype_name: str):
+    """Switches JAX to 64-bit when asked; fails clearly where the backend cannot."""
+    if dtype_name == "float64":
+        if jax.default_backend() == "tpu":
+            raise config_lib.ConfigError("--dtype=float64 is not supported on TPU backends; "
+                                         "use --dtype=float32, or run on CPU or GPU.")
+        jax.config.update("jax_enable_x64", True)
+        return jnp.float64
+    return jnp.float32
+
+
+def build_experiment(cfg: config_lib.RunConfig) -> Experiment:
+    """Loads data and builds model, objective, optimizer and the jitted step.
+
+    Raises ConfigError / DataError before any file is written.
+    """
+    config_lib.validate(cfg)
+    dtype = enable_dtype(cfg.dtype)
+    set_matmul_precision(cfg.matmul_precision)
+    mesh = sharding.make_mesh(cfg.num_devices)
+    x, y = data_lib.load(cfg.dataset, cfg.n_train, seed=cfg.seed, data_dir=cfg.data_dir,
+                         input_dim=cfg.input_dim, num_classes=cfg.num_classes)
+    info = data_lib.dataset_info(cfg.dataset, cfg.input_dim, cfg.num_classes)
+    init_key = jax.random.fold_in(jax.random.key(cfg.seed), 0)
+    model = models.build_model(cfg.model, info.input_shape, info.num_classes, width=cfg.width,
+                               depth=cfg.depth, activation=cfg.activation, key=init_key,
+                               dtype=dtype)
+    model = dataclasses.replace(model, params=sharding.replicate(model.params, mesh))
+    # Built shard by shard from the unpadded host arrays: no padded host copy
+    # stays resident, so memory grows with the data, not twice the data.
+    full_data = sharding.shard_chunked(x, y, cfg.chunk_size, mesh, dtype=dtype)
+    objective = objective_lib.Objective(model.apply, losses.per_example_loss(cfg.loss), full_data)
+    optimizer = train_lib.make_optimizer(cfg.optimizer, cfg.lr, momentum=cfg.momentum,
+                                         extra=_make_projection(cfg))
+    train_step = train_lib.make_train_step(objective, optimizer)
+    return Experiment(cfg=cfg, x=x, y=y, model=model, objective=objective, optimizer=optimizer,
+                      train_step=train_step, dtype=dtype, mesh=mesh)
+
+
+def _make_projection(cfg: config_lib.RunConfig):
+    """The Dom/Bulk projection transformation for cfg.projection, or None."""
+    if cfg.projection == "none":
+        return None
+    from lossland import projections  # imported only when projecting
+    return projections.make_projection(cfg.projection, k=cfg.projection_k,
+                                       refresh_every=cfg.refresh_every,
+                                       switch_step=cfg.switch_step,
+                                       num_iters=cfg.lanczos_iters, seed=cfg.seed,
+                                       tol=cfg.lanczos_tol or None)
+
+
+def place_state(state, mesh):
+    """The state's arrays replicated over the mesh (or committed to the one device).
+
+    Fresh optimizer counters, the zero warm-start vectors and restored
+    checkpoints start as host or uncommitted arrays. In a multi-process run
+    every input of a jitted step must be a global array over the mesh; in any
+    run, inputs placed like the step's own outputs keep it to one compilation.
+    """
+    return state.replace(**{name: sharding.replicate(getattr(state, name), mesh)
+                            for name in ("params", "opt_state", "eigvecs", "displacement")})

@@ -1,0 +1,140 @@
+"""The life of a run directory: statuses, resume, config changes, signals.
+
+Owns: the run statuses and their exit codes, what a workdir's records say
+about the run in it (`run_status`), which flags may change on resume
+(`config_changes`), restoring the state to resume from (`resume_state`),
+what `ensure_run` does with a workdir (`plan_ensure_run`), and turning
+SIGINT/SIGTERM into a flag the loop checks.
+
+Must not: build models or data, or run training steps; the loop (loop.py)
+and the build (experiment.py) do that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+from lossland import checkpoints, config as config_lib, distributed, records
+
+STATUS_FINISHED, STATUS_DIVERGED, STATUS_INTERRUPTED = "finished", "diverged", "interrupted"
+EXIT_CODES = {STATUS_FINISHED: 0, STATUS_DIVERGED: 3, STATUS_INTERRUPTED: 130}
+
+# Flags that may differ when a run is resumed: they change neither the
+# trajectory nor its records.
+RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "steps", "workdir", "checkpoint_every",
+                               "plots"})
+
+
+@dataclasses.dataclass
+class RunResult:
+    status: str
+    step: int
+    workdir: Path
+    last_row: dict
+    message: str = ""
+    action: str = "ran"   # what ensure_run did: ran, resumed, skipped (finished|diverged)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.status]
+
+
+class SignalFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop checks, so state is saved first."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not in the main thread: signals stay as they are
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def run_status(workdir: str | Path) -> Optional[str]:
+    """The final status of the run in `workdir`, or None if it never ended (or never began)."""
+    path = Path(workdir) / records.METRICS_FILE
+    if not path.exists():
+        return None
+    rows = records.read_metrics(path)
+    return rows[-1].get("status") if rows else None
+
+
+def config_changes(workdir: Path, cfg: config_lib.RunConfig) -> dict:
+    """{flag: (saved, now)} for the flags that differ from the run saved in workdir."""
+    saved = records.read_config_flags(workdir)
+    return {k: (saved.get(k), v) for k, v in cfg.asdict().items()
+            if k not in RESUMABLE_CHANGES and saved.get(k, v) != v}
+
+
+def describe_changes(changes: dict) -> str:
+    return ", ".join(f"--{k} was {a!r}, now {b!r}" for k, (a, b) in changes.items())
+
+
+def plan_ensure_run(cfg: config_lib.RunConfig) -> tuple[Optional[RunResult],
+                                                         Optional[config_lib.RunConfig]]:
+    """What ensure_run does with cfg's workdir: (skipped result, None) or (None, cfg to run).
+
+    Finished and diverged runs are kept (skipped), except that a run that
+    finished at a smaller --steps is extended; interrupted or crashed ones
+    resume from their checkpoint. A workdir holding a run with other settings
+    is refused unless cfg.overwrite.
+    """
+    workdir = Path(cfg.workdir)
+    status = None if cfg.overwrite else run_status(workdir)
+    if not cfg.overwrite and (workdir / records.CONFIG_FILE).exists():
+        changes = config_changes(workdir, cfg)
+        if changes:
+            raise config_lib.ConfigError(
+                f"{workdir} holds a run with other settings ({describe_changes(changes)}). "
+                "Pass --overwrite to redo it, or use another --workdir.")
+    if status in (STATUS_FINISHED, STATUS_DIVERGED):
+        last = records.read_metrics(workdir)[-1]
+        extend = (status == STATUS_FINISHED and last.get("stop_reason") == "max_steps"
+                  and last["step"] < cfg.steps)
+        if not extend:  # a longer --steps resumes from the final checkpoint instead
+            return RunResult(status=status, step=last["step"], workdir=workdir,
+                             last_row=last, message=f"already {status}; skipped",
+                             action=f"skipped ({status})"), None
+        status = STATUS_INTERRUPTED
+    has_checkpoint = (workdir / records.CHECKPOINT_DIR).exists() and any(
+        p.name.isdigit() for p in (workdir / records.CHECKPOINT_DIR).iterdir())
+    resume = not cfg.overwrite and has_checkpoint and status in (None, STATUS_INTERRUPTED)
+    overwrite = cfg.overwrite or (workdir.exists() and not resume)
+    return None, cfg.replace(resume=resume, overwrite=overwrite)
+
+
+def resume_state(workdir: Path, cfg: config_lib.RunConfig, template):
+    """The checkpointed state to continue from; drops the records it will recompute."""
+    changes = config_changes(workdir, cfg)
+    if changes:
+        raise config_lib.ConfigError(
+            f"--resume: flags differ from the run in {workdir}: {describe_changes(changes)}. "
+            "Resume with the original flags (only --steps, --checkpoint_every and --plots "
+            "may change).")
+    manager = checkpoints.CheckpointManager(workdir)
+    state = manager.restore_latest(template)
+    if state is None:
+        raise records.WorkdirError(f"--resume: no checkpoint in {workdir / records.CHECKPOINT_DIR}; "
+                                   "the run cannot be resumed. Start afresh with --overwrite.")
+    if distributed.is_main_process():  # the others wait at the workdir-ready barrier
+        for name in (records.METRICS_FILE, records.DENSITY_FILE):
+            if (workdir / name).exists():
+                records.truncate_rows_before(workdir / name, int(state.step))
+        print(f"resuming {workdir} from step {int(state.step)}", file=sys.stderr)
+    return state

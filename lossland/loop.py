@@ -1,0 +1,272 @@
+"""The training loop of one built, placed run: steps, tracked steps, the end.
+
+Owns: what happens at each step (the optimizer step, its metrics row, the
+tracked and probed quantities when due, checkpoints every
+--checkpoint_every), and the three ways a run ends: finished (at --steps or
+after an edge-of-stability hold), diverged (NaN/inf), interrupted (a signal).
+See runner.py for what a row and a checkpoint mean.
+
+Must not: validate flags, build the experiment, or decide whether to resume;
+it only appends rows to the records and saves checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from lossland import checkpoints, config as config_lib, distributed, lifecycle, records, sharding
+from lossland import train as train_lib
+from lossland import tracking as tracking_lib
+from lossland.experiment import Experiment
+
+TIMING_KEYS = ("wall_time", "track_time")
+DENSITY_PROBES, DENSITY_ITERS = 4, 80  # SLQ snapshot: probes × Lanczos steps each
+
+
+def train(exp: Experiment, workdir: Path, state, progress_enabled: bool) -> lifecycle.RunResult:
+    """Runs exp from `state` until it ends; returns how it ended."""
+    is_main = distributed.is_main_process()
+    manager = checkpoints.CheckpointManager(workdir)
+    with records.MetricsWriter(workdir / records.METRICS_FILE, enabled=is_main) as writer, \
+            records.MetricsWriter(workdir / records.DENSITY_FILE, enabled=is_main) \
+            as density_writer, lifecycle.SignalFlag() as signals:
+        loop = _Loop(exp, workdir, manager, writer, density_writer,
+                     _Progress(exp.cfg.steps, int(state.step), progress_enabled and is_main),
+                     wall_time_before=float(state.wall_time))
+        result = loop.run(state, signals)
+    manager.wait()
+    manager.close()
+    if result.message and is_main:
+        print(result.message, file=sys.stderr)
+    return result
+
+
+class _Loop:
+    """The run's tools (tracker, prober, writers, checkpoints) and one method per kind of step."""
+
+    def __init__(self, exp: Experiment, workdir: Path, manager, writer, density_writer,
+                 progress, wall_time_before: float):
+        cfg = self.cfg = exp.cfg
+        self.exp, self.workdir, self.manager = exp, workdir, manager
+        self.writer, self.density_writer, self.progress = writer, density_writer, progress
+        self.objective, self.data = exp.objective, exp.objective.data
+        self.tracker = (tracking_lib.make_tracker(self.objective, k=cfg.track_k,
+                                                  num_iters=cfg.lanczos_iters,
+                                                  tol=cfg.lanczos_tol, track_gn=cfg.track_gn,
+                                                  lr=cfg.lr)
+                        if cfg.track_every else None)
+        self.prober = _make_prober(self.objective, cfg) if cfg.probe_every else None
+        self.density = (tracking_lib.make_density(self.objective, num_probes=DENSITY_PROBES,
+                                                  num_iters=DENSITY_ITERS)
+                        if cfg.density_every else None)
+        self.sgd_batches = (sharding.MinibatchSource(exp.x, exp.y, cfg, exp.dtype, exp.mesh)
+                            if cfg.optimizer not in train_lib.FULL_BATCH_OPTIMIZERS else None)
+        self.base_key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
+        self.t0 = time.time() - wall_time_before
+        self.last_row: dict = {}   # the last row written (for the progress line)
+
+    def run(self, state, signals) -> lifecycle.RunResult:
+        cfg = self.cfg
+        first_step = step = int(state.step)
+        while True:
+            # Processes stop together: a signal seen by any one stops them all.
+            if distributed.any_process(signals.signum is not None):
+                return self.interrupted(state, step, signals.signum)
+            if step > first_step and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                self.save(state)
+            held = bool(cfg.eos_hold_steps and state.eos_since >= 0
+                        and step - state.eos_since >= cfg.eos_hold_steps)
+            if step == cfg.steps or held:
+                return self.final_step(state, step, held)
+            row, new_params, new_opt_state, state, diverged_at = self.train_step(state, step)
+            if diverged_at is not None:
+                return self.diverged(state, row, diverged_at)
+            displacement = (ravel_pytree(new_params)[0] - ravel_pytree(state.params)[0]
+                            if self.prober is not None else state.displacement)
+            state = state.replace(step=step + 1, params=new_params, opt_state=new_opt_state,
+                                  displacement=displacement)
+            step += 1
+            self.progress.update(step, row["loss"], _progress_extra(self.last_row))
+
+    def save(self, state) -> None:
+        self.manager.save(state.replace(wall_time=time.time() - self.t0))
+
+    def train_step(self, state, step):
+        """The optimizer step at θ_step and its row, written when due.
+
+        Returns (row, new params, new optimizer state, state, diverged_at): the
+        state carries the tracking bookkeeping of a tracked step; diverged_at
+        is the first step whose loss or params are not finite, or None.
+        """
+        cfg = self.cfg
+        batch = self.data if self.sgd_batches is None else self.sgd_batches.batch(step)
+        new_params, new_opt_state, metrics = self.exp.train_step(state.params, state.opt_state,
+                                                                 batch)
+        row = {"step": step, **_scalars(metrics), "lr": cfg.lr}
+        if self.sgd_batches is not None and _should_log(step, cfg):
+            # Minibatch metrics are noisy: logged rows also hold the full-batch ones.
+            row["batch_loss"], row["batch_accuracy"] = row["loss"], row["accuracy"]
+            loss, accuracy, grad = self.objective.loss_accuracy_grad(state.params)
+            row.update(loss=float(loss), accuracy=float(accuracy),
+                       grad_norm=float(train_lib.tree_norm(grad)))
+        diverged_at = None
+        if not math.isfinite(row["loss"]) or not math.isfinite(row["grad_norm"]):
+            diverged_at = step
+        elif not bool(metrics.params_finite):
+            diverged_at = step + 1
+        if diverged_at is None and self.tracker is not None and step % cfg.track_every == 0:
+            tracked, state = self.measure(state, step)
+            row.update(tracked)
+        if _should_log(step, cfg) or diverged_at is not None or "eigenvalues" in row:
+            row["wall_time"] = time.time() - self.t0
+            self.writer.write(row)
+            self.last_row = row
+        return row, new_params, new_opt_state, state, diverged_at
+
+    def measure(self, state, step) -> tuple[dict, Any]:
+        """Tracked (and probed) quantities at θ_step; returns the row part and the new state."""
+        cfg, data = self.cfg, self.data
+        start = time.time()
+        key = jax.random.fold_in(self.base_key, step)
+        # Before the first tracked step eigvecs is all zeros, which lanczos_top_k
+        # treats as a cold start; always passing an array keeps one compilation.
+        row_arrays, vectors = self.tracker(state.params, data, key, state.eigvecs)
+        row = _tracked_row(row_arrays, cfg.lr)
+        state = state.replace(eigvecs=vectors, has_eigvecs=True, last_lambda1=row["eigenvalues"][0],
+                              cum_delta_top=state.cum_delta_top + row["delta_loss_top"],
+                              cum_delta_bulk=state.cum_delta_bulk + row["delta_loss_bulk"])
+        row["cum_delta_top"] = float(state.cum_delta_top)
+        row["cum_delta_bulk"] = float(state.cum_delta_bulk)
+        # eos_since: the first step of the current streak of tracked steps at or
+        # above the edge-of-stability threshold (−1 when the streak is broken).
+        ratio_ok = row["stability_ratio"] >= cfg.eos_threshold
+        state = state.replace(eos_since=(state.eos_since if state.eos_since >= 0 else step)
+                              if ratio_ok else -1)
+        if self.density is not None and step % cfg.density_every == 0:
+            snapshot = self.density(state.params, data, jax.random.fold_in(key, 2),
+                                    max(float(state.last_lambda1), 1e-3))
+            self.density_writer.write({"step": step, **{name: np.asarray(value).tolist()
+                                                        for name, value
+                                                        in snapshot._asdict().items()}})
+        if self.prober is not None and step % cfg.probe_every == 0:
+            row.update(self.prober(state.params, data, vectors[0], state.displacement,
+                                   jax.random.fold_in(key, 1)))
+        row["track_time"] = time.time() - start
+        return row, state
+
+    def final_step(self, state, step: int, held: bool) -> lifecycle.RunResult:
+        """The status row at θ_step: final loss, accuracy, gradient, and tracking when on."""
+        # Checkpoint before the final tracking, whose eigenvectors must not
+        # become the warm start of a run that resumes with more --steps.
+        self.save(state)
+        loss, accuracy, grad = self.objective.loss_accuracy_grad(state.params)
+        final = {"loss": float(loss), "accuracy": float(accuracy),
+                 "grad_norm": float(train_lib.tree_norm(grad)),
+                 "param_norm": float(train_lib.tree_norm(state.params)),
+                 "stop_reason": "eos_hold" if held else "max_steps"}
+        if self.tracker is not None:
+            final_tracked, final_state = self.measure(state, step)
+            final.update(final_tracked)
+            if self.prober is not None and "valley_distance" not in final:
+                # Probes also run at the very end, along the final v1.
+                final.update(self.prober(final_state.params, self.data, final_state.eigvecs[0],
+                                         final_state.displacement,
+                                         jax.random.fold_in(self.base_key, step + 1)))
+        return self.finish(lifecycle.STATUS_FINISHED, step, final)
+
+    def diverged(self, state, row: dict, diverged_at: int) -> lifecycle.RunResult:
+        self.manager.wait()
+        lambda1 = float(state.last_lambda1) if state.has_eigvecs else None
+        message = _divergence_message(diverged_at, row, lambda1, self.cfg.lr,
+                                      self.manager.latest_step())
+        return self.finish(lifecycle.STATUS_DIVERGED, diverged_at, {}, message)
+
+    def interrupted(self, state, step: int, signum) -> lifecycle.RunResult:
+        self.save(state)
+        self.manager.wait()
+        name = (signal.Signals(signum).name if signum is not None
+                else "a signal to another process")
+        return self.finish(lifecycle.STATUS_INTERRUPTED, step, {},
+                           f"interrupted by {name} at step {step}; checkpoint saved. "
+                           f"Continue with --resume --workdir={self.workdir}.")
+
+    def finish(self, status: str, step: int, row_extra: dict,
+               message: str = "") -> lifecycle.RunResult:
+        row = {"step": step, "status": status, "wall_time": time.time() - self.t0, **row_extra}
+        self.writer.write(row)
+        self.progress.update(step, row.get("loss", float("nan")), force=True)
+        return lifecycle.RunResult(status=status, step=step, workdir=self.workdir, last_row=row,
+                                   message=message)
+
+
+class _Progress:
+    """A throttled progress line on stderr: step, loss, steps/s, ETA."""
+
+    def __init__(self, total: int, start: int, enabled: bool, every_s: float = 2.0):
+        self.total, self.start, self.enabled, self.every_s = total, start, enabled, every_s
+        self.t0 = time.time()
+        self.last = 0.0
+
+    def update(self, step: int, loss: float, extra: str = "", force: bool = False):
+        now = time.time()
+        if not self.enabled or (not force and now - self.last < self.every_s):
+            return
+        self.last = now
+        done = step - self.start
+        rate = done / max(now - self.t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
+        print(f"step {step}/{self.total}  loss {loss:.5g}  {rate:.1f} steps/s  ETA {eta_text}"
+              f"{extra}", file=sys.stderr, flush=True)
+
+
+def _scalars(metrics) -> dict:
+    """The step's metrics as floats, fetched from the device in one transfer."""
+    fetched = jax.device_get(metrics)._asdict()
+    fetched.pop("params_finite")
+    return {name: float(value) for name, value in fetched.items()}
+
+
+def _tracked_row(row_arrays: dict, lr: float) -> dict:
+    row = {key: np.asarray(value).tolist() for key, value in row_arrays.items()}
+    row["num_matvecs"] = int(row["num_matvecs"])
+    row["stability_ratio"] = row["eigenvalues"][0] * lr / 2.0
+    return row
+
+
+def _make_prober(objective, cfg):
+    from lossland import probes  # imported only when probing is on
+    return probes.make_prober(objective, s_max=cfg.probe_s_max, num_points=cfg.probe_points,
+                              num_random_directions=cfg.num_random_directions)
+
+
+def _should_log(step: int, cfg: config_lib.RunConfig) -> bool:
+    return step % cfg.log_every == 0 or step == cfg.steps - 1
+
+
+def _progress_extra(row: dict) -> str:
+    if "stability_ratio" in row:
+        return f"  λ1·lr/2 {row['stability_ratio']:.3f}  χ1 {row['chi_1']:.2f}"
+    return ""
+
+
+def _divergence_message(step, row, lambda1, lr, checkpoint_step) -> str:
+    text = (f"diverged at step {step}: the loss or the params became NaN/inf "
+            f"(loss={row.get('loss')}).")
+    text += (f" The last good checkpoint is at step {checkpoint_step}."
+             if checkpoint_step is not None else " No checkpoint had been saved yet.")
+    if lambda1 and lambda1 > 0:
+        text += (f" The last tracked sharpness was λ1={lambda1:.4g}; GD is stable for "
+                 f"lr < 2/λ1 = {2.0 / lambda1:.4g} (now --lr={lr}).")
+    else:
+        text += " Try a smaller --lr, or --track_every to see the sharpness."
+    return text
