@@ -17,7 +17,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(PY) -m experiments.train --workdir=$(DEMO_DIR) --overwrite --track_every=20
+	$(PY) -m experiments.train --workdir=$(DEMO_DIR) --overwrite --track_every=20 --steps=3000
 	@echo "records: $(DEMO_DIR)/metrics.jsonl  config: $(DEMO_DIR)/config.json  plots: $(DEMO_DIR)/plots/"
 
 test: install

@@ -1,11 +1,13 @@
 """Edge-of-stability learning-rate sweep on the default setting (claim C3).
 
 For each lr, trains full-batch GD with Hessian tracking and writes
-`summary.json` with, per lr: the first step at which λ1·lr/2 ≥ 0.9 (and the
-entry step proper, the first upward crossing, which skips the catapult of a
-run that starts above 2/lr), the median stability ratio and median χ_1 over
-the last half of training and after entry, and the final loss; plus the
-sharpness overlay plot (Cohen et al. 2021, Fig. 1).
+`summary.json` with, per lr: the first step at which λ1·lr/2 ≥ --eos_threshold,
+the entry step proper and the edge-of-stability state of `lossland.eos` (the
+first upward crossing, which skips the catapult of a run that starts above
+2/lr; holding while the trailing median stays in --eos_band), the median
+stability ratio and median χ_1 over the last half of training and after
+entry, and the final loss; plus the sharpness overlay plot (Cohen et al.
+2021, Fig. 1).
 
 By default each run gets steps = --lr_steps_product / lr, so every run covers
 the same gradient-flow time η·t (sharpening proceeds at a rate set by η·t).
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags, logging
 
-from lossland import cli, config as config_lib, data as data_lib, plots, records, runner
+from lossland import cli, config as config_lib, data as data_lib, eos, plots, records, runner
 
 cli.define_run_flags(workdir="runs/eos", track_every=20, checkpoint_every=1000)
 flags.DEFINE_list("lrs", ["0.02", "0.05", "0.1"], "Learning rates to sweep.")
@@ -30,42 +32,29 @@ flags.DEFINE_float("lr_steps_product", 150.0, "Steps per run = this / lr (0 = us
 FLAGS = flags.FLAGS
 
 
-def entry_step(tracked: list[dict], threshold: float = 0.9):
-    """The step at which the run enters the edge of stability.
-
-    That is the first upward crossing of λ1·lr/2 ≥ threshold: a tracked step at
-    or above it whose previous tracked step was below. A run that starts above
-    it (λ1 at initialization > 2/lr) first catapults to a flatter region; that
-    transient is not the edge of stability. A run that never falls below the
-    threshold enters at its first tracked step.
-    """
-    ratios = [(r["step"], r["stability_ratio"]) for r in tracked]
-    if ratios and all(ratio >= threshold for _, ratio in ratios):
-        return ratios[0][0]
-    for (_, before), (step, ratio) in zip(ratios, ratios[1:]):
-        if before < threshold <= ratio:
-            return step
-    return None
-
-
-def summarize_run(rows: list[dict], lr: float, threshold: float = 0.9) -> dict:
-    """The per-lr summary, from the records alone."""
+def summarize_run(rows: list[dict], lr: float, rule: eos.EosRule) -> dict:
+    """The per-lr summary, from the records alone; entry and holding are `lossland.eos`'s."""
     tracked = [r for r in rows if "stability_ratio" in r and "status" not in r]
     final = rows[-1] if rows else {}
     last_step = final.get("step", 0)
-    entered = entry_step(tracked, threshold)
+    state = eos.run_summary(rows, rule, hold_steps=0)
+    entered = state["eos_entry_step"]
     late = [r for r in tracked if r["step"] >= last_step / 2]
     after = [r for r in tracked if entered is not None and r["step"] >= entered]
     median = lambda rows_, key: float(np.median([r[key] for r in rows_])) if rows_ else None
+    lo, hi = rule.band
     return {
         "lr": lr,
         "two_over_lr": 2.0 / lr,
         "steps": last_step,
         "status": final.get("status"),
         "initial_stability_ratio": tracked[0]["stability_ratio"] if tracked else None,
-        "first_step_ratio_ge_0.9": next((r["step"] for r in tracked
-                                         if r["stability_ratio"] >= threshold), None),
+        "first_step_ratio_ge_threshold": next((r["step"] for r in tracked
+                                               if r["stability_ratio"] >= rule.threshold), None),
         "entry_step": entered,
+        "eos_state": state["eos_state"],
+        "eos_label": state["eos_label"],
+        "held_steps": state["held_steps"],
         "median_stability_ratio_last_half": median(late, "stability_ratio"),
         "median_chi_1_last_half": median(late, "chi_1"),
         "median_stability_ratio_after_entry": median(after, "stability_ratio"),
@@ -78,7 +67,7 @@ def summarize_run(rows: list[dict], lr: float, threshold: float = 0.9) -> dict:
         "track_time_total_s": float(sum(r.get("track_time", 0.0) for r in tracked)),
         "wall_time_s": final.get("wall_time"),
         "at_edge_of_stability": (None if not late else bool(
-            0.9 <= median(late, "stability_ratio") <= 1.1)),
+            lo <= median(late, "stability_ratio") <= hi)),
     }
 
 
@@ -120,7 +109,8 @@ def main(argv):
             result = runner.ensure_run(cfg)
             if cfg.plots:
                 plots.plot_run(result.workdir)
-            run_summary = summarize_run(records.read_metrics(cfg.workdir), cfg.lr)
+            rule = eos.EosRule(cfg.eos_threshold, tuple(cfg.eos_band), cfg.eos_window)
+            run_summary = summarize_run(records.read_metrics(cfg.workdir), cfg.lr, rule)
             run_summary["this_invocation_s"] = time.time() - start
             summary["runs"][f"{cfg.lr:g}"] = run_summary
     except (config_lib.ConfigError, data_lib.DataError, records.WorkdirError) as e:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lossland import records, verdicts
+from lossland import eos, records, verdicts
 
-EOS_BAND = (0.9, 1.1)
+EOS_BAND = eos.DEFAULT_BAND   # the one definition: lossland.eos
 CHI1_CONCENTRATED = 0.8
 GN_CARRIES = 0.9
 
@@ -91,10 +91,13 @@ def c3_verdict_lines(eos_summary: dict | None, gn: dict | None) -> list[str]:
             f"{'at' if at_edge else 'not at'} the edge of stability); median χ_1 = "
             f"{verdicts.fmt(chi1, 3)} ({'≥' if concentrated else '<'} {CHI1_CONCENTRATED}: "
             f"gradient {'concentrated' if concentrated else 'not concentrated'} in v1); "
-            + (f"entered the edge of stability (first upward crossing of 0.9) at step {entered}; "
-               f"after entry, median λ1·η/2 = {verdicts.fmt(after_ratio, 3)} and median χ_1 = "
-               f"{verdicts.fmt(after_chi1, 3)}." if entered is not None else
-               "never entered the edge of stability (no upward crossing of 0.9)."))
+            + (f"entered the edge of stability (lossland.eos: first upward crossing of the "
+               f"threshold) at step {entered}; after entry, median λ1·η/2 = "
+               f"{verdicts.fmt(after_ratio, 3)} and median χ_1 = {verdicts.fmt(after_chi1, 3)}; "
+               f"final state {run.get('eos_state', 'n/a')}, held {run.get('held_steps', 'n/a')} "
+               "steps." if entered is not None else
+               "never entered the edge of stability (no upward crossing of the threshold after "
+               f"being below it; final state {run.get('eos_state', 'n/a')})."))
     if gn:
         carries = gn["median_gn_share"] >= GN_CARRIES
         lines.append(

@@ -9,7 +9,9 @@ Bulk-SGD trains as well as SGD).
 Protocol
   1. Start (--start=eos, default): full-batch GD on the preset's setting (the
      default run: MNIST-1D n=1000, MLP 2×256 ReLU, MSE, lr=0.05) until the
-     stability ratio λ1·lr/2 ≥ --eos_threshold has held --eos_hold_steps steps
+     run has held the edge of stability (`lossland.eos`: entered at the first
+     upward crossing of --eos_threshold, then the trailing median of λ1·lr/2
+     inside [0.9, 1.1]) for --eos_hold_steps steps
      (or --warmup_max_steps is hit), into WORKDIR/warmup. Its final checkpoint
      holds θ_T. --start=init skips this and starts every variant at the
      initialization.
@@ -94,10 +96,10 @@ flags.DEFINE_float("lr", None, "Learning rate of the warm-up and every variant (
 flags.DEFINE_integer("seed", 0, "Seed of data, init, minibatches and Lanczos start vectors.")
 flags.DEFINE_integer("warmup_max_steps", None, "Step cap of the --start=eos warm-up.",
                      lower_bound=1)
-flags.DEFINE_integer("eos_hold_steps", None, "The warm-up stops once λ1·lr/2 ≥ "
-                     "--eos_threshold has held this many steps.", lower_bound=1)
-flags.DEFINE_float("eos_threshold", 0.9, "Stability ratio that counts as the edge of "
-                   "stability.", lower_bound=0)
+flags.DEFINE_integer("eos_hold_steps", None, "The warm-up stops once it has held the edge of "
+                     "stability (lossland.eos) this many steps.", lower_bound=1)
+flags.DEFINE_float("eos_threshold", 0.9, "Entry level of λ1·lr/2: the warm-up enters the edge "
+                   "of stability at its first upward crossing.", lower_bound=0)
 FLAGS = flags.FLAGS
 
 
@@ -135,9 +137,13 @@ def _warmup(root: Path, base: config_lib.RunConfig, settings: dict):
     held = row.get("stop_reason") == "eos_hold"
     description = (f"GD warm-up checkpoint at step {result.step} (λ1·lr/2 = {ablation.fmt(ratio, '.3f')}, "
                    f"loss {ablation.fmt(row.get('loss'))}; "
-                   + ("ratio ≥ %g held %d steps)" % (FLAGS.eos_threshold, settings["eos_hold_steps"])
-                      if held else "step cap hit before the edge of stability held)"))
+                   + (f"entered the edge of stability at step {row.get('eos_entry_step')} and held "
+                      f"it {row.get('held_steps')} steps)" if held else
+                      f"step cap hit before the edge of stability held; state "
+                      f"{row.get('eos_state')})"))
     info = {"kind": "eos", "step": result.step, "stop_reason": row.get("stop_reason"),
+            "eos_entry_step": row.get("eos_entry_step"), "held_steps": row.get("held_steps"),
+            "eos_state": row.get("eos_state"),
             "stability_ratio": ratio, "loss": row.get("loss"), "workdir": str(result.workdir)}
     return state.params, description, info
 

@@ -34,31 +34,45 @@ from absl import app, flags, logging
 
 from lossland import config as config_lib
 from lossland import data as data_lib
-from lossland import losses, models, records, verdicts
+from lossland import eos, losses, models, records, verdicts
 from lossland.scaling import GridPoint, run_row, summarize
 
+# Defaults of every preset; a preset's `per_dataset` overrides them for one dataset's arm.
+SWEEP_DEFAULTS = dict(model="mlp", activations=["relu", "tanh"], losses=["mse"], chunk_size=4096,
+                      per_dataset={})
+
 PRESETS = {
-    # For tests: tiny and fast (< ~1 min on 2 CPU cores).
-    "smoke": dict(dataset=["mnist1d"], n_values=[64, 128, 256], seeds=[0, 1], width=16, depth=1,
-                  lr=0.5, max_steps=60, hold_steps=10, track_every=5, probe_every=20, track_k=1,
-                  lanczos_iters=8, probe_points=9, num_random_directions=1, probe_s_max=0.05,
-                  num_bootstrap=500),
-    # ≤ 20 min on 2 CPU cores: MNIST-1D, MLP 2×256, GD η = 0.05, MSE (MISSION defaults).
-    # Measured on a shared 2-core CPU: λ1 reaches 0.9·2/η at N = 1000 after ~1700 (tanh) to
-    # ~2050 (relu) steps, never at N = 250 (λ1 plateaus near 29), and grows by ~0.5 per 150
-    # steps at N = 8000 (λ1 ≈ 13 at step 900), where a step costs ~8× that at N = 1000. So the
-    # 1000-step cap binds for most N: these runs are compared at equal steps, and the verdict
-    # counts how many held the edge of stability. The full preset lifts the cap.
-    "quick": dict(dataset=["mnist1d"], n_values=[250, 500, 1000, 2000, 4000, 8000], seeds=[0, 1],
-                  width=256, depth=2, lr=0.05, max_steps=1000, hold_steps=200, track_every=50,
+    # For tests: tiny and fast (~1 min on 2 CPU cores). η = 0.5 is large enough that every run
+    # enters the edge of stability within ~100 steps and holds it (measured 2026-12-04: at
+    # N = 256 the ratio was still 0.72–0.78 at step 150, so the sizes stop at 128; at N = 32
+    # the ReLU runs diverged at step 7). One
+    # dataset only: Fashion-MNIST at these sizes did not sharpen to 2/η within 200 steps
+    # (MLP 1×16 at η = 0.01 and 0.013: λ1·η/2 fell from 0.71/0.92 to 0.47/0.58; CNN 1×4 at
+    # η = 0.01: 0.96 → 0.47, at 0.02 a catapult to 0.1; η ≥ 0.04 diverged), nor did the
+    # Gaussian mixture (MLP 1×16, η = 0.5 and 1.0: 0.64 and 0.84 at step 200).
+    "smoke": dict(dataset=["mnist1d"], n_values=[64, 96, 128], seeds=[0, 1],
+                  width=16, depth=1, lr=0.5, max_steps=250, hold_steps=10, track_every=5,
+                  probe_every=20, track_k=1, lanczos_iters=8, probe_points=9,
+                  num_random_directions=1, probe_s_max=0.05, num_bootstrap=500),
+    # ≤ 60 min on 2 CPU cores: MNIST-1D, MLP 2×256, GD η = 0.05, MSE (MISSION defaults).
+    # Measured on a shared 2-core CPU (2026-11-27): λ1 reaches 0.9·2/η at N = 1000 after
+    # ~1700 (tanh) to ~2050 (relu) steps, never at N = 250 (λ1 plateaus near 29), and grows by
+    # ~0.5 per 150 steps at N = 8000. Runs stop once they have held the edge of stability
+    # `hold_steps`, so the cap only binds for runs that never get there, and those are counted,
+    # not fitted.
+    "quick": dict(dataset=["mnist1d"], n_values=[500, 1000, 2000, 4000], seeds=[0, 1, 2],
+                  width=256, depth=2, lr=0.05, max_steps=4000, hold_steps=200, track_every=50,
                   probe_every=500, track_k=1, lanczos_iters=12, probe_points=21,
                   num_random_directions=1, probe_s_max=0.05, num_bootstrap=2000),
-    # Accelerators: N up to what each dataset allows (capped at its size), Fashion-MNIST too.
+    # Accelerators: N up to what each dataset allows (capped at its size), Fashion-MNIST with
+    # the CNN (its η not yet measured to reach 2/η: see the smoke preset's note).
     "full": dict(dataset=["mnist1d", "fashion_mnist"],
                  n_values=[500, 1000, 2000, 4000, 8000, 16000, 32000, 60000],
                  seeds=[0, 1, 2, 3, 4], width=256, depth=2, lr=0.05, max_steps=20000,
                  hold_steps=1000, track_every=20, probe_every=500, track_k=5, lanczos_iters=40,
-                 probe_points=41, num_random_directions=2, probe_s_max=0.05, num_bootstrap=5000),
+                 probe_points=41, num_random_directions=2, probe_s_max=0.05, num_bootstrap=5000,
+                 per_dataset={"fashion_mnist": dict(model="cnn", width=32, activations=["relu"],
+                                                    lr=0.01)}),
 }
 
 FLAGS = flags.FLAGS
@@ -78,14 +92,22 @@ def define_flags() -> None:
     flags.DEFINE_list("n_values", None, "Training-set sizes N (nested subsets). Values above a "
                       "dataset's size are capped at it. Default: preset.")
     flags.DEFINE_list("seeds", None, "Seeds (data order and init). Default: preset.")
-    flags.DEFINE_list("activations", ["relu", "tanh"],
-                      "Activations (a kinked and a smooth control).")
-    flags.DEFINE_list("losses", ["mse"], "Losses (mse, cross_entropy).")
+    flags.DEFINE_list("activations", None, "Activations (a kinked and a smooth control). "
+                      "Default: preset (relu,tanh; relu on Fashion-MNIST).")
+    flags.DEFINE_list("losses", None, "Losses (mse, cross_entropy). Default: mse.")
     flags.DEFINE_float("lr", None, "GD step η. Default: preset (0.05).")
     flags.DEFINE_integer("max_steps", None, "Step cap per run. Default: preset.")
-    flags.DEFINE_integer("hold_steps", None, "Stop once λ1·η/2 ≥ --eos_threshold has held this "
-                         "many steps. Default: preset.")
-    flags.DEFINE_float("eos_threshold", 0.9, "Stability-ratio threshold of the stop rule.")
+    flags.DEFINE_integer("hold_steps", None, "Stop once the run has held the edge of stability "
+                         "(lossland.eos) this many steps; probes run then. Default: preset.")
+    flags.DEFINE_float("eos_threshold", eos.DEFAULT_THRESHOLD, "Entry level of λ1·η/2: a run "
+                       "enters the edge of stability at its first upward crossing (lossland.eos).")
+    flags.DEFINE_list("eos_band", [str(v) for v in eos.DEFAULT_BAND], "lo,hi: a run holds the "
+                      "edge of stability while the trailing median of λ1·η/2 stays in [lo, hi].")
+    flags.DEFINE_integer("eos_window", eos.DEFAULT_WINDOW, "Tracked steps in that trailing median.")
+    flags.DEFINE_string("model", None, "Model of every arm (mlp, cnn). Default: preset (the MLP; "
+                        "the CNN on Fashion-MNIST).")
+    flags.DEFINE_integer("chunk_size", None, "Examples per chunk of the full-batch reducer. "
+                         "Default: preset.")
     flags.DEFINE_integer("width", None, "MLP width. Default: preset.")
     flags.DEFINE_integer("depth", None, "MLP hidden layers. Default: preset.")
     flags.DEFINE_integer("track_every", None, "Lanczos every this many steps. Default: preset.")
@@ -114,22 +136,35 @@ class SweepError(ValueError):
     """A bad sweep flag; the message names it."""
 
 
+OVERRIDABLE = ("dataset", "model", "n_values", "seeds", "activations", "losses", "lr",
+               "max_steps", "hold_steps", "width", "depth", "track_every", "track_k",
+               "lanczos_iters", "probe_every", "probe_s_max", "probe_points",
+               "num_random_directions", "num_bootstrap", "chunk_size")
+
+
 def settings_from_flags() -> dict:
-    """The preset, with every flag the user set overriding it; validated."""
-    s = dict(PRESETS[FLAGS.preset])
-    for key in ("dataset", "n_values", "seeds", "lr", "max_steps", "hold_steps", "width", "depth",
-                "track_every", "track_k", "lanczos_iters", "probe_every", "probe_s_max",
-                "probe_points", "num_random_directions", "num_bootstrap"):
-        if FLAGS[key].value is not None:
-            s[key] = FLAGS[key].value
-    s.update(activations=FLAGS.activations, losses=FLAGS.losses, eos_threshold=FLAGS.eos_threshold,
-             data_dir=FLAGS.data_dir, confidence=FLAGS.confidence)
+    """The preset, with every flag the user set overriding it (in every dataset's arm too);
+    validated."""
+    s = {**SWEEP_DEFAULTS, **PRESETS[FLAGS.preset]}
+    user_set = [key for key in OVERRIDABLE if FLAGS[key].value is not None]
+    for key in user_set:
+        s[key] = FLAGS[key].value
+    s["per_dataset"] = {d: {k: v for k, v in arm.items() if k not in user_set}
+                        for d, arm in s.get("per_dataset", {}).items()}
+    s.update(eos_threshold=FLAGS.eos_threshold, eos_band=[float(v) for v in FLAGS.eos_band],
+             eos_window=FLAGS.eos_window, data_dir=FLAGS.data_dir, confidence=FLAGS.confidence)
     return validate_settings(s)
+
+
+def arm_settings(settings: dict, dataset: str) -> dict:
+    """The settings of one dataset's arm: the sweep's, with that dataset's overrides
+    (`per_dataset`, e.g. the CNN on Fashion-MNIST) on top."""
+    return {**SWEEP_DEFAULTS, **settings, **settings.get("per_dataset", {}).get(dataset, {})}
 
 
 def validate_settings(s: dict) -> dict:
     """Checks a settings dict (preset + flags); raises SweepError naming the flag."""
-    s = dict(s)
+    s = {**SWEEP_DEFAULTS, **s}
     for key in ("n_values", "seeds"):
         try:
             s[key] = [int(v) for v in s[key]]
@@ -143,6 +178,20 @@ def validate_settings(s: dict) -> dict:
                          ("losses", losses.PER_EXAMPLE_LOSSES)):
         bad = [v for v in s[key] if v not in allowed]
         _check(not bad and s[key], key, ",".join(s[key]), f"choose from {sorted(allowed)}")
+    for dataset in s["dataset"]:
+        arm = arm_settings(s, dataset)
+        _check(arm["model"] in models.MODELS, "model", arm["model"],
+               f"choose from {sorted(models.MODELS)}")
+        for key, allowed in (("activations", models.ACTIVATIONS),
+                             ("losses", losses.PER_EXAMPLE_LOSSES)):
+            bad = [v for v in arm[key] if v not in allowed]
+            _check(not bad and arm[key], key, ",".join(arm[key]), f"choose from {sorted(allowed)}")
+    band = s.get("eos_band", list(eos.DEFAULT_BAND))
+    _check(len(band) == 2 and 0 < band[0] <= band[1], "eos_band", ",".join(map(str, band)),
+           "give two numbers 0 < lo <= hi, e.g. 0.9,1.1")
+    _check(s.get("eos_window", 1) >= 1, "eos_window", s.get("eos_window"), "must be >= 1")
+    _check(s["hold_steps"] > 0, "hold_steps", s["hold_steps"],
+           "every sweep run must hold the edge of stability for > 0 steps before it is probed")
     _check(0 < s["confidence"] < 1, "confidence", s["confidence"], "must lie in (0, 1)")
     _check(s["num_bootstrap"] >= 100, "num_bootstrap", s["num_bootstrap"], "must be >= 100")
     return s
@@ -157,23 +206,28 @@ def grid(settings: dict) -> list[GridPoint]:
     """Every grid point; N above a dataset's size is capped at that size (deduplicated)."""
     points = []
     for dataset in settings["dataset"]:
+        arm = arm_settings(settings, dataset)
         available = data_lib.DATASETS[dataset].size["train"]
-        sizes = sorted({min(n, available) if available else n for n in settings["n_values"]})
+        sizes = sorted({min(int(n), available) if available else int(n) for n in arm["n_values"]})
         for loss, activation, n, seed in itertools.product(
-                settings["losses"], settings["activations"], sizes, settings["seeds"]):
-            points.append(GridPoint(dataset, loss, activation, n, seed))
+                arm["losses"], arm["activations"], sizes, settings["seeds"]):
+            points.append(GridPoint(dataset, loss, activation, n, seed, model=arm["model"]))
     return points
 
 
 def run_config(point: GridPoint, settings: dict, workdir: Path) -> config_lib.RunConfig:
+    """The RunConfig of one grid point: its dataset's arm of the settings, validated."""
+    settings = arm_settings(settings, point.dataset)
     cfg = config_lib.RunConfig(
-        dataset=point.dataset, data_dir=settings["data_dir"], n_train=point.n, model="mlp",
+        dataset=point.dataset, data_dir=settings["data_dir"], n_train=point.n, model=point.model,
         width=settings["width"], depth=settings["depth"], activation=point.activation,
         loss=point.loss, optimizer="gd", lr=settings["lr"], steps=settings["max_steps"],
         seed=point.seed, workdir=str(workdir / RUNS_DIR / point.name), plots=False,
         track_every=settings["track_every"], track_k=settings["track_k"],
         lanczos_iters=settings["lanczos_iters"], eos_hold_steps=settings["hold_steps"],
-        eos_threshold=settings["eos_threshold"], probe_every=settings["probe_every"],
+        eos_threshold=settings["eos_threshold"], eos_band=tuple(settings["eos_band"]),
+        eos_window=settings["eos_window"], chunk_size=settings["chunk_size"],
+        probe_every=settings["probe_every"],
         probe_s_max=settings["probe_s_max"], probe_points=settings["probe_points"],
         num_random_directions=settings["num_random_directions"])
     config_lib.validate(cfg)
@@ -215,7 +269,7 @@ def run_point(point: GridPoint, cfg, *, overwrite: bool, progress: bool) -> tupl
 
 def write_sweep_rows(points, settings, workdir: Path) -> list[dict]:
     """sweep.jsonl from the run directories (rewritten whole, atomically)."""
-    rows = [run_row(p, workdir / RUNS_DIR / p.name, settings["eos_threshold"]) for p in points
+    rows = [run_row(p, workdir / RUNS_DIR / p.name, settings) for p in points
             if (workdir / RUNS_DIR / p.name / records.METRICS_FILE).exists()]
     tmp = workdir / (SWEEP_FILE + ".tmp")
     tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))

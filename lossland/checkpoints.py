@@ -30,8 +30,6 @@ class TrainState:
     has_eigvecs: Any     # bool scalar: False until the first tracked step
     last_lambda1: Any    # float scalar: λ1 of the last tracked step (for messages)
     wall_time: Any       # float scalar: seconds spent before this checkpoint
-    eos_since: Any       # int scalar: first step of the current run of tracked steps with
-                         # λ1·lr/2 ≥ threshold, or −1
     displacement: Any    # (P,) θ_t − θ_{t−1}, the last step (a probe direction)
     cum_delta_top: Any   # float scalar: Σ ΔL_top over the tracked steps so far
     cum_delta_bulk: Any  # float scalar: Σ ΔL_bulk over the tracked steps so far
@@ -41,7 +39,7 @@ def initial_state(params, opt_state, track_k: int) -> TrainState:
     flat = ravel_pytree(params)[0]
     return TrainState(step=0, params=params, opt_state=opt_state,
                       eigvecs=jnp.zeros((track_k, flat.shape[0]), flat.dtype),
-                      has_eigvecs=False, last_lambda1=0.0, wall_time=0.0, eos_since=-1,
+                      has_eigvecs=False, last_lambda1=0.0, wall_time=0.0,
                       displacement=jnp.zeros_like(flat), cum_delta_top=0.0, cum_delta_bulk=0.0)
 
 
@@ -86,7 +84,7 @@ class CheckpointManager:
                       for leaf in leaves])
         return state.replace(step=int(state.step), has_eigvecs=bool(state.has_eigvecs),
                              last_lambda1=float(state.last_lambda1),
-                             wall_time=float(state.wall_time), eos_since=int(state.eos_since),
+                             wall_time=float(state.wall_time),
                              cum_delta_top=float(state.cum_delta_top),
                              cum_delta_bulk=float(state.cum_delta_bulk))
 

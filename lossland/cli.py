@@ -84,11 +84,18 @@ def define_run_flags(**default_overrides) -> None:
     flags.DEFINE_integer("density_every", d.density_every, "Stochastic-Lanczos spectral density "
                          "snapshot every this many steps (0 = off).", lower_bound=0)
     # Edge-of-stability stop, probes and projections
-    flags.DEFINE_integer("eos_hold_steps", d.eos_hold_steps, "Stop once λ1·lr/2 ≥ "
-                         "--eos_threshold has held for this many steps (0 = run all --steps).",
-                         lower_bound=0)
-    flags.DEFINE_float("eos_threshold", d.eos_threshold, "Stability ratio that counts as the "
-                       "edge of stability for --eos_hold_steps.")
+    flags.DEFINE_integer("eos_hold_steps", d.eos_hold_steps, "Stop once the run has held the "
+                         "edge of stability (see --eos_band) for this many steps (0 = run all "
+                         "--steps).", lower_bound=0)
+    flags.DEFINE_float("eos_threshold", d.eos_threshold, "The run enters the edge of stability "
+                       "at the first tracked step where λ1·lr/2 crosses this from below (a run "
+                       "starting above it enters only after falling below).")
+    flags.DEFINE_list("eos_band", [str(v) for v in d.eos_band], "lo,hi: after entry the run "
+                      "holds the edge of stability while the median of λ1·lr/2 over the last "
+                      "--eos_window tracked steps stays in [lo, hi]; above hi it is 'above' "
+                      "(unstable or catapulting).")
+    flags.DEFINE_integer("eos_window", d.eos_window, "Tracked steps in the trailing median of "
+                         "--eos_band.", lower_bound=1)
     flags.DEFINE_integer("probe_every", d.probe_every, "Line probes (v1, gradient, last step, "
                          "random) every this many steps and at the end (0 = off); a multiple of "
                          "--track_every.", lower_bound=0)
@@ -120,6 +127,17 @@ def config_from_flags(**overrides) -> config_lib.RunConfig:
     """A RunConfig from the parsed flags; raises ConfigError on cross-flag problems."""
     values = {f: flags.FLAGS[f].value for f in config_lib.RunConfig.__dataclass_fields__
               if f in flags.FLAGS}
+    if "eos_band" in values:
+        values["eos_band"] = _float_pair("eos_band", values["eos_band"])
     cfg = config_lib.RunConfig(**{**values, **overrides})
     config_lib.validate(cfg)
     return cfg
+
+
+def _float_pair(flag: str, items) -> tuple:
+    """--flag=lo,hi as a tuple of floats; a ConfigError naming the flag otherwise."""
+    try:
+        return tuple(float(v) for v in items)
+    except (TypeError, ValueError):
+        raise config_lib.ConfigError(f"--{flag}={','.join(map(str, items))} is not allowed: "
+                                     f"give two numbers lo,hi, e.g. --{flag}=0.9,1.1.") from None

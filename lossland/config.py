@@ -67,9 +67,11 @@ class RunConfig:
     lanczos_tol: float = 1e-3
     track_gn: bool = False
     density_every: int = 0       # 0 = off
-    # stopping at the edge of stability (dataset-size sweeps)
-    eos_hold_steps: int = 0      # stop once λ1·lr/2 ≥ eos_threshold held this many steps (0 = off)
-    eos_threshold: float = 0.9
+    # the edge of stability (lossland.eos): entry, band, trailing window, early stop
+    eos_hold_steps: int = 0      # stop once the run has held the edge this many steps (0 = off)
+    eos_threshold: float = 0.9   # entry: the first upward crossing of λ1·lr/2 = this
+    eos_band: tuple = (0.9, 1.1)  # holding: the trailing median of λ1·lr/2 inside [lo, hi]
+    eos_window: int = 5          # tracked steps in that median
     # singularity probes (claims C1, C2)
     probe_every: int = 0         # 0 = off; a multiple of track_every
     probe_s_max: float = 0.05
@@ -145,6 +147,11 @@ def validate(cfg: RunConfig) -> None:
         _require(cfg.track_every > 0, "eos_hold_steps", cfg.eos_hold_steps,
                  "stopping at the edge of stability needs the sharpness", "Set --track_every > 0.")
     _require(0 < cfg.eos_threshold, "eos_threshold", cfg.eos_threshold, "must be > 0")
+    band = tuple(cfg.eos_band)
+    _require(len(band) == 2 and all(isinstance(v, (int, float)) for v in band)
+             and 0 < band[0] <= band[1], "eos_band", ",".join(map(str, band)),
+             "give two numbers lo,hi with 0 < lo <= hi", "For example --eos_band=0.9,1.1.")
+    _require(cfg.eos_window >= 1, "eos_window", cfg.eos_window, "must be >= 1 (tracked steps)")
     _require(cfg.probe_every >= 0, "probe_every", cfg.probe_every, "must be >= 0 (0 = off)")
     if cfg.probe_every:
         _require(cfg.track_every > 0 and cfg.probe_every % cfg.track_every == 0, "probe_every",

@@ -12,6 +12,8 @@ and the build (experiment.py) do that.
 
 from __future__ import annotations
 
+import json
+
 import dataclasses
 import signal
 import sys
@@ -78,7 +80,9 @@ def run_status(workdir: str | Path) -> Optional[str]:
 def config_changes(workdir: Path, cfg: config_lib.RunConfig) -> dict:
     """{flag: (saved, now)} for the flags that differ from the run saved in workdir."""
     saved = records.read_config_flags(workdir)
-    return {k: (saved.get(k), v) for k, v in cfg.asdict().items()
+    # Compared as config.json holds them (a tuple flag reads back as a list).
+    now = json.loads(json.dumps(records.to_jsonable(cfg.asdict())))
+    return {k: (saved.get(k), v) for k, v in now.items()
             if k not in RESUMABLE_CHANGES and saved.get(k, v) != v}
 
 

@@ -23,7 +23,8 @@ import jax
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from lossland import checkpoints, config as config_lib, distributed, lifecycle, records, sharding
+from lossland import checkpoints, config as config_lib, distributed, eos, lifecycle, records
+from lossland import sharding
 from lossland import train as train_lib
 from lossland import tracking as tracking_lib
 from lossland.experiment import Experiment
@@ -41,7 +42,8 @@ def train(exp: Experiment, workdir: Path, state, progress_enabled: bool) -> life
             as density_writer, lifecycle.SignalFlag() as signals:
         loop = _Loop(exp, workdir, manager, writer, density_writer,
                      _Progress(exp.cfg.steps, int(state.step), progress_enabled and is_main),
-                     wall_time_before=float(state.wall_time))
+                     wall_time_before=float(state.wall_time),
+                     rows_before=_rows_before(workdir, int(state.step)))
         result = loop.run(state, signals)
     manager.wait()
     manager.close()
@@ -54,7 +56,7 @@ class _Loop:
     """The run's tools (tracker, prober, writers, checkpoints) and one method per kind of step."""
 
     def __init__(self, exp: Experiment, workdir: Path, manager, writer, density_writer,
-                 progress, wall_time_before: float):
+                 progress, wall_time_before: float, rows_before: list[dict]):
         cfg = self.cfg = exp.cfg
         self.exp, self.workdir, self.manager = exp, workdir, manager
         self.writer, self.density_writer, self.progress = writer, density_writer, progress
@@ -73,6 +75,10 @@ class _Loop:
         self.base_key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
         self.t0 = time.time() - wall_time_before
         self.last_row: dict = {}   # the last row written (for the progress line)
+        # Where the run stands at the edge of stability (lossland.eos). A function of the
+        # tracked ratios alone, so a resumed run rebuilds it from the records it keeps.
+        self.eos_rule = eos.EosRule(cfg.eos_threshold, tuple(cfg.eos_band), cfg.eos_window)
+        self.eos_monitor = eos.replay(rows_before, self.eos_rule)
 
     def run(self, state, signals) -> lifecycle.RunResult:
         cfg = self.cfg
@@ -83,8 +89,8 @@ class _Loop:
                 return self.interrupted(state, step, signals.signum)
             if step > first_step and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 self.save(state)
-            held = bool(cfg.eos_hold_steps and state.eos_since >= 0
-                        and step - state.eos_since >= cfg.eos_hold_steps)
+            held = bool(cfg.eos_hold_steps
+                        and eos.held_steps(self.eos_monitor, step) >= cfg.eos_hold_steps)
             if step == cfg.steps or held:
                 return self.final_step(state, step, held)
             row, new_params, new_opt_state, state, diverged_at = self.train_step(state, step)
@@ -146,11 +152,9 @@ class _Loop:
                               cum_delta_bulk=state.cum_delta_bulk + row["delta_loss_bulk"])
         row["cum_delta_top"] = float(state.cum_delta_top)
         row["cum_delta_bulk"] = float(state.cum_delta_bulk)
-        # eos_since: the first step of the current streak of tracked steps at or
-        # above the edge-of-stability threshold (−1 when the streak is broken).
-        ratio_ok = row["stability_ratio"] >= cfg.eos_threshold
-        state = state.replace(eos_since=(state.eos_since if state.eos_since >= 0 else step)
-                              if ratio_ok else -1)
+        self.eos_monitor = eos.update(self.eos_monitor, step, row["stability_ratio"],
+                                      self.eos_rule)
+        row["eos_state"] = self.eos_monitor.state
         if self.density is not None and step % cfg.density_every == 0:
             snapshot = self.density(state.params, data, jax.random.fold_in(key, 2),
                                     max(float(state.last_lambda1), 1e-3))
@@ -181,6 +185,8 @@ class _Loop:
                 final.update(self.prober(final_state.params, self.data, final_state.eigvecs[0],
                                          final_state.displacement,
                                          jax.random.fold_in(self.base_key, step + 1)))
+            final["eos_entry_step"] = self.eos_monitor.entry_step
+            final["held_steps"] = eos.held_steps(self.eos_monitor)
         return self.finish(lifecycle.STATUS_FINISHED, step, final)
 
     def diverged(self, state, row: dict, diverged_at: int) -> lifecycle.RunResult:
@@ -243,6 +249,15 @@ def _tracked_row(row_arrays: dict, lr: float) -> dict:
     return row
 
 
+def _rows_before(workdir: Path, step: int) -> list[dict]:
+    """The records of the steps before `step` (a resumed run's kept rows; [] when fresh)."""
+    path = workdir / records.METRICS_FILE
+    if step == 0 or not path.exists():
+        return []
+    return [r for r in records.read_metrics(path) if r.get("step", -1) < step
+            and "status" not in r]
+
+
 def _make_prober(objective, cfg):
     from lossland import probes  # imported only when probing is on
     return probes.make_prober(objective, s_max=cfg.probe_s_max, num_points=cfg.probe_points,
@@ -255,7 +270,8 @@ def _should_log(step: int, cfg: config_lib.RunConfig) -> bool:
 
 def _progress_extra(row: dict) -> str:
     if "stability_ratio" in row:
-        return f"  λ1·lr/2 {row['stability_ratio']:.3f}  χ1 {row['chi_1']:.2f}"
+        return (f"  λ1·lr/2 {row['stability_ratio']:.3f}  χ1 {row['chi_1']:.2f}  "
+                f"{row.get('eos_state', '')}")
     return ""
 
 

@@ -197,16 +197,17 @@ def plot_variant_overlay(runs: dict[str, list[dict]], path: Path, title: str) ->
 
 def plot_scaling_summary(summary: dict, out_dir: Path) -> list[Path]:
     """One PNG per quantity: value against N (log–log), a line per activation, a panel per
-    dataset/loss; per-seed values as dots, the per-N center as a line."""
+    dataset/model/loss; per-seed values as dots, the per-N center as a line. Only runs at the
+    edge of stability are fitted (see `lossland.scaling.summarize_group`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    panels = sorted({(g["dataset"], g["loss"]) for g in summary["groups"].values()})
+    panel_of = lambda g: (g["dataset"], g.get("model", "mlp"), g["loss"])
+    panels = sorted({panel_of(g) for g in summary["groups"]})
     written = []
     for key, meta in summary["quantities"].items():
         fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
         drew = False
-        for ax, (dataset, loss) in zip(axes[0], panels):
-            for index, group in enumerate(g for g in summary["groups"].values()
-                                          if (g["dataset"], g["loss"]) == (dataset, loss)):
+        for ax, panel in zip(axes[0], panels):
+            for index, group in enumerate(g for g in summary["groups"] if panel_of(g) == panel):
                 fit = group["quantities"].get(key)
                 if not fit:
                     continue
@@ -220,13 +221,13 @@ def plot_scaling_summary(summary: dict, out_dir: Path) -> list[Path]:
             ax.set_xscale("log")
             if meta["scale"] == "log":
                 ax.set_yscale("log")
-            sizes = sorted({n for g in summary["groups"].values()
+            sizes = sorted({n for g in summary["groups"]
                             for n in g["quantities"].get(key, {}).get("all_n", [])})
             ax.set_xticks(sizes, [str(n) for n in sizes], fontsize=7)
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel("training-set size N")
             ax.set_ylabel(meta["label"])
-            ax.set_title(f"{dataset} / {loss}", fontsize=9)
+            ax.set_title(" / ".join(panel), fontsize=9)
             ax.grid(alpha=0.3, which="both")
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)

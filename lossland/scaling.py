@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lossland import records
+from lossland import eos, records, verdicts
 from lossland.fits import finite_or_nan, fit_scaling, nanmax, nanmean, nanmedian
 
 # Quantities fitted against N: key -> (label, scale). "log": log–log fit, y ∝ N^a.
@@ -45,48 +45,60 @@ QUANTITIES = {
 
 @dataclasses.dataclass(frozen=True)
 class GridPoint:
+    """One run of a sweep. Runs of one group differ only in N and the seed."""
     dataset: str
     loss: str
     activation: str
     n: int
     seed: int
+    model: str = "mlp"
 
     @property
     def name(self) -> str:
-        return f"{self.dataset}_{self.loss}_{self.activation}_n{self.n}_s{self.seed}"
+        return f"{self.dataset}_{self.model}_{self.loss}_{self.activation}_n{self.n}_s{self.seed}"
 
     @property
     def group(self) -> str:
-        return f"{self.dataset}/{self.loss}/{self.activation}"
+        return f"{self.dataset}/{self.model}/{self.loss}/{self.activation}"
 
 
-def late_window(rows: list[dict], threshold: float) -> tuple[int | None, list[dict]]:
-    """(EoS onset step, probed rows of the late window); see `verdicts.c2_verdict`.
+def eos_rule(settings: dict) -> eos.EosRule:
+    """The sweep's edge-of-stability rule (`lossland.eos`) from its settings."""
+    return eos.EosRule(threshold=settings["eos_threshold"],
+                       band=tuple(settings.get("eos_band", eos.DEFAULT_BAND)),
+                       window=settings.get("eos_window", eos.DEFAULT_WINDOW))
 
-    The window is the final uninterrupted stretch of tracked steps with
-    stability ratio ≥ threshold, through the end of the run; for a run that
-    never ends in such a stretch, the last quarter of its probed rows.
+
+def late_window(rows: list[dict], rule: eos.EosRule) -> tuple[int | None, list[dict]]:
+    """(entry step, probed rows of the late window); see `verdicts.c2_verdict`.
+
+    The window is every probed row from the run's entry into the edge of
+    stability (`lossland.eos`) on, final iterate included; for a run that never
+    entered, the last quarter of its probed rows.
     """
-    tracked = [r for r in rows if isinstance(r.get("stability_ratio"), (int, float))]
     probed = [r for r in rows if "valley_distance" in r]
-    onset = None
-    for row in reversed(tracked):
-        if row["stability_ratio"] >= threshold:
-            onset = row["step"]
-        else:
-            break
-    if onset is not None:
-        return onset, [r for r in probed if r["step"] >= onset]
+    entry = eos.replay(rows, rule).entry_step
+    if entry is not None:
+        return entry, [r for r in probed if r["step"] >= entry]
     return None, probed[-max(1, math.ceil(len(probed) / 4)):] if probed else []
 
 
-def run_row(point: GridPoint, run_dir: Path, threshold: float) -> dict:
-    """One sweep.jsonl row: the grid point, how it stopped, and the final quantities."""
+def _median_of(rows: list[dict], key: str, transform=abs) -> float:
+    values = [finite_or_nan(r.get(key)) for r in rows]
+    values = [transform(v) for v in values if math.isfinite(v)]
+    return float(np.median(values)) if values else float("nan")
+
+
+def run_row(point: GridPoint, run_dir: Path, settings: dict) -> dict:
+    """One sweep.jsonl row: the grid point, how it stopped, whether it was at the edge of
+    stability (`lossland.eos.run_summary`), and the final quantities."""
     rows = records.read_metrics(run_dir)
     final = rows[-1] if rows and "status" in rows[-1] else {}
     row = {"name": point.name, "group": point.group, **dataclasses.asdict(point),
            "status": final.get("status", "incomplete"), "stop_reason": final.get("stop_reason"),
            "final_step": final.get("step")}
+    rule = eos_rule(settings)
+    row.update(eos.run_summary(rows, rule, settings["hold_steps"]))
     # "loss" names the loss function of the grid point; its final value is train_loss.
     row["train_loss"], row["train_accuracy"] = final.get("loss"), final.get("accuracy")
     for key in ("grad_norm", "stability_ratio", "chi_1", "valley_distance", "valley_at_edge",
@@ -115,75 +127,149 @@ def run_row(point: GridPoint, run_dir: Path, threshold: float) -> dict:
         for kind in ("slope", "curvature"):
             row[f"probe_{d}_{kind}_exponent"] = nanmean(
                 final.get(f"probe_{d}_{kind}_exponent_{side}") for side in ("left", "right"))
-    onset, window = late_window(rows, threshold)
-    distances = [finite_or_nan(r.get("valley_distance")) for r in window]
-    distances = [d for d in distances if math.isfinite(d)]
-    row["eos_onset_step"] = onset
-    row["valley_distance_late"] = float(np.median(distances)) if distances else float("nan")
+    _, window = late_window(rows, rule)
+    row["valley_distance_late"] = _median_of(window, "valley_distance")
+    # C2's control: the same distance along a random unit direction (probe "rand0").
+    row["valley_distance_late_random"] = _median_of(window, "probe_rand0_s_star")
     row["valley_late_edge_fraction"] = (float(np.mean([bool(r.get("valley_at_edge"))
                                                        for r in window])) if window else None)
-    row["valley_late_count"] = len(distances)
+    row["valley_late_count"] = sum(math.isfinite(finite_or_nan(r.get("valley_distance")))
+                                   for r in window)
+    tracked_late = [r for r in rows if "status" not in r and "chi_1" in r
+                    and row["eos_entry_step"] is not None and r["step"] >= row["eos_entry_step"]]
+    row["chi_1_late"] = _median_of(tracked_late, "chi_1")
     first = next((r for r in rows if "valley_distance" in r and r.get("step") == 0), {})
     row["valley_distance_init"] = first.get("valley_distance")
     row["valley_init_at_edge"] = first.get("valley_at_edge")
     return records.to_jsonable(row)
 
 
+# A group's C1 verdict from the reading of its primary quantity (`verdicts.describe_trend`).
+C1_PRIMARY = "probe_max_grad_norm"
+C1_VERDICT_OF_READING = {"growing": "for", "falling": "against", "flat": "against",
+                         "saturating": "against", "unresolved": "inconclusive",
+                         "undetermined": "inconclusive"}
+MIN_SIZES_AT_EOS = 3   # fewer N values at the edge of stability: "inconclusive", never for/against
+# C2's control rule: attraction beats the control when the late |s*| along v1 is at most
+# this fraction of the late |s*| along a random direction. Fixed before any run.
+C2_CONTROL_FRACTION = 0.5
+
+
+def c1_group_verdict(entry: dict, confidence: float) -> str:
+    """"for", "against" or "inconclusive" (C1), from the runs at the edge of stability only."""
+    if entry["sizes_at_eos"] < MIN_SIZES_AT_EOS:
+        return "inconclusive"
+    fit = entry["quantities"].get(C1_PRIMARY)
+    if not fit:
+        return "inconclusive"
+    reading, _ = verdicts.describe_trend(fit, confidence=confidence)
+    return C1_VERDICT_OF_READING[reading]
+
+
+def c2_group_verdict(entry: dict, s_max: float) -> str:
+    """"for" when the late |s*| along v1 is close (≤ CLOSE_FRACTION·s_max) and beats the
+    random-direction control; "against" when it is neither; "inconclusive" otherwise or
+    with fewer than MIN_SIZES_AT_EOS sizes at the edge of stability."""
+    if entry["sizes_at_eos"] < MIN_SIZES_AT_EOS:
+        return "inconclusive"
+    late, control = entry["c2"]["late_median"], entry["c2"]["late_random_median"]
+    if not (math.isfinite(late) and s_max and s_max > 0):
+        return "inconclusive"
+    close = late <= verdicts.CLOSE_FRACTION * s_max
+    beats = math.isfinite(control) and late <= C2_CONTROL_FRACTION * control
+    if close and beats:
+        return "for"
+    if not close and not beats:
+        return "against"
+    return "inconclusive"
+
+
+def _fits(runs: list[dict], settings: dict) -> dict:
+    """Each quantity against N over `runs` (one value per N and seed)."""
+    sizes = sorted({r["n"] for r in runs})
+    seeds = sorted({r["seed"] for r in runs})
+    fits = {}
+    for key, (_, scale) in QUANTITIES.items():
+        table = np.full((len(sizes), len(seeds)), np.nan)
+        for r in runs:
+            table[sizes.index(r["n"]), seeds.index(r["seed"])] = finite_or_nan(r.get(key))
+        if not np.isfinite(table).any():
+            continue
+        fit = fit_scaling(sizes, table, scale=scale, num_bootstrap=settings["num_bootstrap"],
+                          confidence=settings["confidence"])
+        fit["values"] = {str(seed): table[:, j].tolist() for j, seed in enumerate(seeds)}
+        fit["all_n"] = sizes
+        fits[key] = fit
+    return fits
+
+
+def summarize_group(members: list[dict], settings: dict) -> dict:
+    """One group's summary entry. Fits and C1/C2 verdicts use the runs at the edge of
+    stability only (`at_eos`); every other run is counted, never fitted."""
+    at_eos = [r for r in members if r.get("status") == "finished" and r.get("at_eos")]
+    stop, labels = {}, {}
+    for r in members:
+        reason = r.get("stop_reason") or r.get("status")
+        stop[reason] = stop.get(reason, 0) + 1
+        labels[r.get("eos_label")] = labels.get(r.get("eos_label"), 0) + 1
+    entry = {"group": members[0]["group"],
+             **{k: members[0][k] for k in ("dataset", "model", "loss", "activation")},
+             "runs_total": len(members), "runs_at_eos": len(at_eos),
+             "sizes_at_eos": len({r["n"] for r in at_eos}),
+             "runs_above_eos": labels.get(eos.LABEL_ABOVE, 0),
+             "stop_reasons": stop, "eos_labels": labels,
+             "quantities": _fits(at_eos, settings)}
+    entry["c2"] = {
+        "late_median": nanmedian([finite_or_nan(r.get("valley_distance_late")) for r in at_eos]),
+        "late_random_median": nanmedian([finite_or_nan(r.get("valley_distance_late_random"))
+                                         for r in at_eos]),
+        "init_median": nanmedian([finite_or_nan(r.get("valley_distance_init")) for r in at_eos]),
+        "chi_1_late_median": nanmedian([finite_or_nan(r.get("chi_1_late")) for r in at_eos]),
+        "late_edge_fraction": nanmean(r.get("valley_late_edge_fraction") for r in at_eos),
+        "init_edge_fraction": nanmean(
+            float(bool(r.get("valley_init_at_edge"))) for r in at_eos
+            if r.get("valley_init_at_edge") is not None),
+    }
+    entry["shape"] = {key: nanmedian([finite_or_nan(r.get(key)) for r in at_eos]) for key in
+                      ("probe_v1_slope_exponent", "probe_v1_curvature_exponent",
+                       "probe_v1_quadratic_ratio")}
+    entry["verdict"] = c1_group_verdict(entry, settings["confidence"])
+    entry["c2_verdict"] = c2_group_verdict(entry, settings["probe_s_max"])
+    return entry
+
+
 def summarize(rows: list[dict], settings: dict) -> dict:
-    """summary.json from sweep rows: per group and quantity, values and fits against N."""
-    finished = [r for r in rows if r.get("status") == "finished"]
-    groups = {}
-    for group in dict.fromkeys(r["group"] for r in rows):
-        members = [r for r in rows if r["group"] == group]
-        done = [r for r in finished if r["group"] == group]
-        sizes = sorted({r["n"] for r in done})
-        seeds = sorted({r["seed"] for r in done})
-        stop = {}
-        for r in members:
-            reason = r.get("stop_reason") or r.get("status")
-            stop[reason] = stop.get(reason, 0) + 1
-        entry = {**{k: members[0][k] for k in ("dataset", "loss", "activation")},
-                 "num_runs": len(members), "num_eos": stop.get("eos_hold", 0),
-                 "stop_reasons": stop, "quantities": {}}
-        for key, (_, scale) in QUANTITIES.items():
-            table = np.full((len(sizes), len(seeds)), np.nan)
-            for r in done:
-                table[sizes.index(r["n"]), seeds.index(r["seed"])] = finite_or_nan(r.get(key))
-            if not np.isfinite(table).any():
-                continue
-            fit = fit_scaling(sizes, table, scale=scale, num_bootstrap=settings["num_bootstrap"],
-                              confidence=settings["confidence"])
-            fit["values"] = {str(seed): table[:, j].tolist() for j, seed in enumerate(seeds)}
-            fit["all_n"] = sizes
-            entry["quantities"][key] = fit
-        late = [finite_or_nan(r.get("valley_distance_late")) for r in done]
-        init = [finite_or_nan(r.get("valley_distance_init")) for r in done]
-        entry["c2"] = {
-            "late_median": nanmedian(late), "init_median": nanmedian(init),
-            "late_edge_fraction": nanmean(r.get("valley_late_edge_fraction") for r in done),
-            "init_edge_fraction": nanmean(
-                float(bool(r.get("valley_init_at_edge"))) for r in done
-                if r.get("valley_init_at_edge") is not None),
-        }
-        entry["shape"] = {key: nanmedian([finite_or_nan(r.get(key)) for r in done]) for key in
-                          ("probe_v1_slope_exponent", "probe_v1_curvature_exponent",
-                           "probe_v1_quadratic_ratio")}
-        groups[group] = entry
+    """summary.json from sweep rows: a list of groups, each with its counts of runs at the
+    edge of stability, its fits against N and its C1 and C2 verdicts."""
+    groups = [summarize_group([r for r in rows if r["group"] == group], settings)
+              for group in dict.fromkeys(r["group"] for r in rows)]
+    rule = eos_rule(settings)
     return records.to_jsonable({
         "confidence": settings["confidence"], "num_bootstrap": settings["num_bootstrap"],
         "lr": settings["lr"], "probe_s_max": settings["probe_s_max"],
-        "eos_threshold": settings["eos_threshold"], "hold_steps": settings["hold_steps"],
-        "max_steps": settings["max_steps"], "setup": setup_text(settings),
+        "eos_threshold": rule.threshold, "eos_band": list(rule.band), "eos_window": rule.window,
+        "hold_steps": settings["hold_steps"], "max_steps": settings["max_steps"],
+        "min_sizes_at_eos": MIN_SIZES_AT_EOS, "c2_control_fraction": C2_CONTROL_FRACTION,
+        "setup": setup_text(settings),
         "quantities": {k: {"label": label, "scale": scale}
                        for k, (label, scale) in QUANTITIES.items()},
         "groups": groups})
 
 
+def _arm_text(s: dict, dataset: str) -> str:
+    arm = {**s, **s.get("per_dataset", {}).get(dataset, {})}
+    return (f"{dataset}: {arm['model'].upper()} {arm['depth']}×{arm['width']}, η = {arm['lr']}, "
+            f"losses {', '.join(arm['losses'])}, activations {', '.join(arm['activations'])}, "
+            f"N ∈ {arm['n_values']}")
+
+
 def setup_text(s: dict) -> str:
-    return (f"Setup: {', '.join(s['dataset'])}; MLP {s['depth']}×{s['width']}; full-batch GD, "
-            f"η = {s['lr']}; losses {', '.join(s['losses'])}; activations "
-            f"{', '.join(s['activations'])}; N ∈ {s['n_values']}; seeds {s['seeds']}; stop when "
-            f"λ1·η/2 ≥ {s['eos_threshold']} has held {s['hold_steps']} steps, or at "
+    rule = eos_rule(s)
+    arms = "; ".join(_arm_text(s, d) for d in s["dataset"])
+    return (f"Setup: {arms}; full-batch GD; seeds {s['seeds']}. Each run stops once it has held "
+            f"the edge of stability {s['hold_steps']} steps (entered at the first upward "
+            f"crossing of λ1·η/2 = {rule.threshold}, then the median of λ1·η/2 over "
+            f"{rule.window} tracked steps inside [{rule.band[0]}, {rule.band[1]}]), or at "
             f"{s['max_steps']} steps; probes of {s['probe_points']} points on ±{s['probe_s_max']} "
             f"along v1, the gradient, the last step and {s['num_random_directions']} random "
             f"direction(s); {s['num_bootstrap']} bootstrap resamples.")

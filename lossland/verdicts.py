@@ -147,15 +147,28 @@ C1_READING_TEXT = {
 
 
 def _group_title(group: dict) -> str:
-    return " / ".join(str(group.get(k)) for k in ("dataset", "loss", "activation") if k in group)
+    return " / ".join(str(group.get(k)) for k in ("dataset", "model", "loss", "activation")
+                      if k in group)
+
+
+def _groups(summary: dict) -> list[dict]:
+    """The summary's groups (a list; older summaries kept them in a dict keyed by name)."""
+    groups = summary.get("groups", [])
+    return list(groups.values()) if isinstance(groups, dict) else list(groups)
+
+
+def eos_count(group: dict) -> str:
+    """"runs_at_eos/runs_total at the edge of stability", for verdict lines."""
+    return (f"{group.get('runs_at_eos', 0)}/{group.get('runs_total', 0)} runs at the edge of "
+            f"stability, {group.get('sizes_at_eos', 0)} sizes N")
 
 
 def _stop_note(group: dict) -> str:
-    runs, eos = group.get("num_runs", 0), group.get("num_eos", 0)
-    note = f"{eos} of {runs} runs held the edge of stability until stopped"
-    if eos < runs:
-        note += (f"; {runs - eos} stopped otherwise ({group.get('stop_reasons')}), so their "
-                 "iterates are not at the same stage of training")
+    runs, at_eos = group.get("runs_total", 0), group.get("runs_at_eos", 0)
+    note = (f"{at_eos} of {runs} runs held the edge of stability; only they are fitted "
+            f"({group.get('sizes_at_eos', 0)} sizes N)")
+    if at_eos < runs:
+        note += f"; the others: {group.get('eos_labels')}, stop reasons {group.get('stop_reasons')}"
     return note
 
 
@@ -171,8 +184,13 @@ def c1_verdict(summary: dict, quantities: Sequence[str] = C1_QUANTITIES) -> str:
              "means, so that neither seed noise nor scatter about the power law is ignored; the "
              "tail fit repeats the fit over the largest N values.",
              ""]
-    for key, group in summary.get("groups", {}).items():
-        lines.append(f"**{_group_title(group)}** ({_stop_note(group)}):")
+    for group in _groups(summary):
+        lines.append(f"**{_group_title(group)}**: C1 verdict **{group.get('verdict', 'n/a')}** "
+                     f"({_stop_note(group)}).")
+        if group.get("verdict") == "inconclusive" and group.get("sizes_at_eos", 0) < \
+                summary.get("min_sizes_at_eos", 3):
+            lines.append(f"- Inconclusive by rule: fewer than {summary.get('min_sizes_at_eos', 3)} "
+                         "sizes N have a run at the edge of stability, so no fit can decide.")
         for quantity in quantities:
             fit = group.get("quantities", {}).get(quantity)
             if not fit:
@@ -219,7 +237,7 @@ def describe_local_shape(shape: dict) -> str:
 def _c1_contrast(summary: dict, quantity: str, labels: dict) -> str:
     """One sentence comparing the groups on the primary quantity (e.g. relu vs tanh)."""
     parts = []
-    for group in summary.get("groups", {}).values():
+    for group in _groups(summary):
         fit = group.get("quantities", {}).get(quantity)
         if fit:
             interval = fmt_interval(fit.get("ci_low"), fit.get("ci_high"))
@@ -242,13 +260,19 @@ def c2_verdict(summary: dict) -> str:
         "Definition (from the records): along the top Hessian eigenvector v1 at a probed step, "
         "s* is the minimizer of L(θ + s v1) on [−s_max, s_max] (grid minimum refined by "
         "bisection on the slope), and the valley distance is |s*|. Its late-training level is the "
-        "median of |s*| over the probed steps of the final stretch in which λ1·η/2 stayed ≥ the "
-        "edge-of-stability threshold, final iterate included (for a run that never held it: the "
-        "last quarter of its probed steps). When the minimum sits at ±s_max the floor is farther "
-        "and |s*| = s_max is a lower bound. We call the iterate close to the floor when the late "
-        f"level is ≤ {CLOSE_FRACTION:g}·s_max (s_max = {fmt(s_max, 3)}), a rule fixed in advance.",
+        "median of |s*| over the probed steps from the run's entry into the edge of stability "
+        "on (lossland.eos), final iterate included. Only runs that held the edge of stability "
+        "count. When the minimum sits at ±s_max the floor is farther and |s*| = s_max is a "
+        "lower bound. We call the iterate close to the floor when the late "
+        f"level is ≤ {CLOSE_FRACTION:g}·s_max (s_max = {fmt(s_max, 3)}), and attraction beats "
+        "the control when it is also ≤ "
+        f"{summary.get('c2_control_fraction', 0.5):g}× the same late distance along a random unit "
+        "direction (probe rand0). Both rules are fixed in advance (lossland.scaling): C2 holds "
+        "(\"for\") when both hold, fails (\"against\") when neither does, and is "
+        "\"inconclusive\" otherwise or with fewer than "
+        f"{summary.get('min_sizes_at_eos', 3)} sizes N at the edge of stability.",
         ""]
-    for group in summary.get("groups", {}).values():
+    for group in _groups(summary):
         c2 = group.get("c2", {})
         late, init = _number(c2.get("late_median")), _number(c2.get("init_median"))
         fraction = late / s_max if _finite(s_max) and s_max > 0 else float("nan")
@@ -256,10 +280,14 @@ def c2_verdict(summary: dict) -> str:
         verdict = "close to the floor by our rule" if close else "not close by our rule"
         late_edge = 100 * _number(c2.get("late_edge_fraction"))
         init_edge = 100 * _number(c2.get("init_edge_fraction"))
-        text = (f"**{_group_title(group)}**: late |s*| median over runs {fmt(late, 3)} = "
+        control = _number(c2.get("late_random_median"))
+        text = (f"**{_group_title(group)}**: C2 verdict **{group.get('c2_verdict', 'n/a')}** "
+                f"({eos_count(group)}). Late |s*| median over those runs {fmt(late, 3)} = "
                 f"{fmt(100 * fraction, 1)}% of s_max ({verdict}); floor beyond the probe range "
                 f"in {fmt(late_edge, 0)}% of late probes. At step 0 the median was "
-                f"{fmt(init, 3)} ({fmt(init_edge, 0)}% at the edge)")
+                f"{fmt(init, 3)} ({fmt(init_edge, 0)}% at the edge); along a random direction "
+                f"the late median was {fmt(control, 3)}; median χ_1 after entry "
+                f"{fmt(_number(c2.get('chi_1_late_median')), 3)}")
         if _finite(late) and _finite(init) and init > 0 and late > 0:
             change = (f"shrank by a factor {fmt(init / late, 1)}" if late < init
                       else f"grew by a factor {fmt(late / init, 1)}")
@@ -282,7 +310,7 @@ def quantity_table(summary: dict, *, digits: int = 2) -> str:
     """Every fitted quantity of every group: slope, interval, tail slope."""
     labels = summary.get("quantities", {})
     rows = []
-    for group in summary.get("groups", {}).values():
+    for group in _groups(summary):
         for key, fit in group.get("quantities", {}).items():
             unit = "N^a" if fit.get("scale", "log") == "log" else "per decade"
             rows.append([_group_title(group), labels.get(key, {}).get("label", key), unit,

@@ -8,13 +8,18 @@ import pytest
 
 from conftest import run_module
 from experiments import sweep_n
-from lossland import fits, records, scaling, verdicts
+from lossland import eos, fits, records, scaling, verdicts
 
 SETTINGS = dict(num_bootstrap=1000, confidence=0.95, lr=0.05, probe_s_max=0.05,
                 eos_threshold=0.9, hold_steps=100, max_steps=1000, dataset=["mnist1d"],
-                depth=2, width=256, losses=["mse"], activations=["relu", "tanh"],
+                model="mlp", depth=2, width=256, losses=["mse"], activations=["relu", "tanh"],
                 n_values=[250, 500, 1000, 2000, 4000, 8000], seeds=[0, 1, 2],
                 probe_points=21, num_random_directions=1)
+RELU, TANH = "mnist1d/mlp/mse/relu", "mnist1d/mlp/mse/tanh"
+
+
+def _group(summary, name):
+    return next(g for g in summary["groups"] if g["group"] == name)
 
 
 def test_fit_scaling_recovers_exponent_and_interval():
@@ -47,13 +52,15 @@ def _synthetic_rows(rng):
                 noise = np.exp(0.05 * rng.normal())
                 point = scaling.GridPoint("mnist1d", "mse", activation, n, seed)
                 rows.append({"name": point.name, "group": point.group, "dataset": "mnist1d",
-                             "loss": "mse", "activation": activation, "n": n, "seed": seed,
-                             "status": "finished", "stop_reason": "eos_hold",
+                             "model": "mlp", "loss": "mse", "activation": activation, "n": n,
+                             "seed": seed, "status": "finished", "stop_reason": "eos_hold",
+                             "at_eos": True, "eos_label": "at_eos",
                              "probe_max_grad_norm": 2.0 * n ** power * noise,
                              "probe_v1_slope_exponent": 1.0, "probe_v1_curvature_exponent": 0.0,
                              "probe_v1_quadratic_ratio": 1.0,
                              "probe_max_curvature": 40.0 * noise, "grad_norm": 0.5 * noise,
                              "valley_distance_late": 0.002 * noise,
+                             "valley_distance_late_random": 0.04 * noise,
                              "valley_distance_init": 0.05, "valley_init_at_edge": True,
                              "valley_late_edge_fraction": 0.0})
     return rows
@@ -61,11 +68,11 @@ def _synthetic_rows(rng):
 
 def test_verdict_follows_the_numbers():
     summary = scaling.summarize(_synthetic_rows(np.random.default_rng(1)), SETTINGS)
-    relu = summary["groups"]["mnist1d/mse/relu"]["quantities"]["probe_max_grad_norm"]
-    tanh = summary["groups"]["mnist1d/mse/tanh"]["quantities"]["probe_max_grad_norm"]
+    relu = _group(summary, RELU)["quantities"]["probe_max_grad_norm"]
+    tanh = _group(summary, TANH)["quantities"]["probe_max_grad_norm"]
     assert relu["ci_low"] > 0 and tanh["ci_low"] < 0 < tanh["ci_high"]
     text = verdicts.c1_verdict(summary)
-    relu_part, tanh_part = text.split("**mnist1d / mse / tanh**")
+    relu_part, tanh_part = text.split("**mnist1d / mlp / mse / tanh**")
     assert re.search(r"grows as N\^0\.(49|50|51) ", relu_part)
     assert "interval excludes 0" in relu_part
     assert verdicts.C1_READING_TEXT["growing"] in relu_part
@@ -77,10 +84,10 @@ def test_verdict_follows_the_numbers():
     assert "close to the floor by our rule" in c2 and "shrank" in c2
     # Swap the roles: the verdict must swap with them.
     swapped = [dict(r, activation={"relu": "tanh", "tanh": "relu"}[r["activation"]],
-                    group="mnist1d/mse/" + {"relu": "tanh", "tanh": "relu"}[r["activation"]])
+                    group="mnist1d/mlp/mse/" + {"relu": "tanh", "tanh": "relu"}[r["activation"]])
                for r in _synthetic_rows(np.random.default_rng(1))]
     text = verdicts.c1_verdict(scaling.summarize(swapped, SETTINGS))
-    tanh_part = text.split("**mnist1d / mse / tanh**")[1]
+    tanh_part = text.split("**mnist1d / mlp / mse / tanh**")[1]
     assert re.search(r"grows as N\^0\.(49|50|51) ", tanh_part.splitlines()[1])
 
 
@@ -102,17 +109,44 @@ def test_verdict_helpers_state_the_interval_plainly():
     assert reading == "unresolved"
 
 
-def test_late_window_is_the_final_edge_of_stability_stretch():
+def test_late_window_starts_at_entry_into_the_edge_of_stability():
+    rule = eos.EosRule(threshold=0.9, band=(0.9, 1.1), window=1)
     rows = [{"step": 0, "stability_ratio": 0.5, "valley_distance": 0.05},
             {"step": 10, "stability_ratio": 0.95, "valley_distance": 0.02},
             {"step": 20, "stability_ratio": 0.8, "valley_distance": 0.03},
             {"step": 30, "stability_ratio": 0.92, "valley_distance": 0.004},
             {"step": 40, "stability_ratio": 0.97, "valley_distance": 0.002},
             {"step": 40, "status": "finished", "stability_ratio": 0.97, "valley_distance": 0.003}]
-    onset, window = scaling.late_window(rows, 0.9)
-    assert onset == 30 and [r["valley_distance"] for r in window] == [0.004, 0.002, 0.003]
-    onset, window = scaling.late_window([dict(r, stability_ratio=0.1) for r in rows], 0.9)
-    assert onset is None and [r["valley_distance"] for r in window] == [0.002, 0.003]
+    entry, window = scaling.late_window(rows, rule)
+    assert entry == 10 and [r["valley_distance"] for r in window] == [0.02, 0.03, 0.004, 0.002,
+                                                                       0.003]
+    # Never below the threshold first (a catapult start): never entered, last quarter.
+    entry, window = scaling.late_window([dict(r, stability_ratio=1.5) for r in rows], rule)
+    assert entry is None and [r["valley_distance"] for r in window] == [0.002, 0.003]
+
+
+def test_fits_use_only_runs_at_the_edge_of_stability_and_few_sizes_are_inconclusive():
+    rows = _synthetic_rows(np.random.default_rng(2))
+    full = scaling.summarize(rows, SETTINGS)
+    relu = _group(full, RELU)
+    assert relu["runs_total"] == relu["runs_at_eos"] == 18 and relu["sizes_at_eos"] == 6
+    assert relu["verdict"] == "for"                     # N^0.5 growth: consistent with C1
+    assert _group(full, TANH)["verdict"] == "against"   # flat
+    assert relu["c2_verdict"] == "for"                  # 0.002 ≤ 0.1·s_max and ≤ 0.5 × 0.04
+    # Only the two smallest N held the edge of stability: they are the only ones fitted, and
+    # two sizes cannot decide.
+    few = [dict(r, at_eos=r["n"] <= 500, eos_label="at_eos" if r["n"] <= 500 else "above_eos")
+           for r in rows]
+    summary = scaling.summarize(few, SETTINGS)
+    relu = _group(summary, RELU)
+    assert relu["runs_total"] == 18 and relu["runs_at_eos"] == 6 and relu["sizes_at_eos"] == 2
+    assert relu["runs_above_eos"] == 12
+    assert relu["quantities"]["probe_max_grad_norm"]["all_n"] == [250, 500]
+    assert relu["verdict"] == "inconclusive" and relu["c2_verdict"] == "inconclusive"
+    text = verdicts.c1_verdict(summary)
+    assert "C1 verdict **inconclusive**" in text and "6 of 18 runs held" in text
+    assert "fewer than 3 sizes N" in text
+    assert "6/18 runs at the edge of stability" in verdicts.c2_verdict(summary)
 
 
 # One activation keeps the test short; the grid still has 3 sizes × 2 seeds.
@@ -128,14 +162,19 @@ def test_smoke_sweep_end_to_end_and_rerun(tmp_path):
                            "losses": ["mse"]})
     assert [r["name"] for r in rows] == [p.name for p in points]
     for row in rows:
-        assert row["status"] == "finished" and row["stop_reason"] in ("eos_hold", "max_steps")
+        assert row["status"] == "finished" and row["stop_reason"] == "eos_hold", row
+        assert row["at_eos"] and row["eos_entry_step"] is not None and row["held_steps"] >= 10
         for key in ("grad_norm", "valley_distance", "probe_max_grad_norm", "probe_max_curvature",
                     "probe_v1_slope_exponent", "lambda1"):
             assert isinstance(row[key], float) and np.isfinite(row[key]), (key, row[key])
     summary = json.loads((workdir / "summary.json").read_text())
-    assert set(summary["groups"]) == {"mnist1d/mse/relu"}
-    fit = summary["groups"]["mnist1d/mse/relu"]["quantities"]["probe_max_grad_norm"]
-    assert fit["n"] == [64, 128, 256] and np.isfinite(fit["slope"]) and np.isfinite(fit["ci_low"])
+    assert [g["group"] for g in summary["groups"]] == [RELU]
+    for group in summary["groups"]:
+        # Every smoke run reaches and holds the edge of stability.
+        assert group["runs_total"] == group["runs_at_eos"] == 6, group
+        assert group["sizes_at_eos"] == 3 and group["verdict"] in ("for", "against", "inconclusive")
+    fit = _group(summary, RELU)["quantities"]["probe_max_grad_norm"]
+    assert fit["n"] == [64, 96, 128] and np.isfinite(fit["slope"]) and np.isfinite(fit["ci_low"])
     for key in ("grad_norm", "probe_max_grad_norm", "probe_max_curvature", "valley_distance"):
         assert (workdir / "plots" / f"{key}.png").stat().st_size > 5000
     assert (workdir / "plots" / "valley_distance_vs_step.png").exists()
@@ -164,7 +203,7 @@ def test_bad_settings_are_refused_naming_the_flag():
                          ({"confidence": 1.5}, "confidence")):
         with pytest.raises(sweep_n.SweepError, match=f"--{name}="):
             sweep_n.validate_settings({**base, **change})
-    assert sweep_n.validate_settings(base)["n_values"] == [64, 128, 256]
+    assert sweep_n.validate_settings(base)["n_values"] == [64, 96, 128]
 
 
 def test_bad_flag_fails_before_writing(tmp_path):
