@@ -3,6 +3,15 @@
 A checkpoint at step s holds θ_s, the optimizer state, the warm-start
 eigenvectors of the last tracked step before s, and the elapsed wall time;
 everything `runner` needs to continue as if it had never stopped.
+
+Commit marker (orbax 0.12, the default atomic-rename mode): a save writes
+into `<step>.orbax-checkpoint-tmp[-<timestamp>]`, puts `commit_success.txt`
+in it, then renames it to `<step>`. A kill -9 mid-save leaves the temporary
+directory; a kill while orbax deletes an old checkpoint can leave `<step>`
+without its marker. Neither is a checkpoint: `committed_steps` ignores them
+and `remove_uncommitted` deletes them (resume does, with a message).
+
+Must not: decide when to save or whether to resume (loop.py, lifecycle.py).
 """
 
 from __future__ import annotations
@@ -41,6 +50,42 @@ def initial_state(params, opt_state, track_k: int) -> TrainState:
                       eigvecs=jnp.zeros((track_k, flat.shape[0]), flat.dtype),
                       has_eigvecs=False, last_lambda1=0.0, wall_time=0.0,
                       displacement=jnp.zeros_like(flat), cum_delta_top=0.0, cum_delta_bulk=0.0)
+
+
+TMP_DIR_MARK = ".orbax-checkpoint-tmp"   # orbax's atomicity_types.TMP_DIR_SUFFIX
+COMMIT_MARKER = "commit_success.txt"     # orbax's atomicity_types.COMMIT_SUCCESS_FILE
+
+
+def _is_committed(path: Path) -> bool:
+    return path.is_dir() and path.name.isdigit() and (path / COMMIT_MARKER).exists()
+
+
+def committed_steps(workdir: Path) -> list[int]:
+    """The steps of the finalized checkpoints in workdir/checkpoints, ascending."""
+    directory = Path(workdir) / records.CHECKPOINT_DIR
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if _is_committed(p))
+
+
+def uncommitted_entries(workdir: Path) -> list[Path]:
+    """Checkpoint directories a crash left unfinished (see the module docstring)."""
+    directory = Path(workdir) / records.CHECKPOINT_DIR
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir()
+                  if TMP_DIR_MARK in p.name or (p.name.isdigit() and not _is_committed(p)))
+
+
+def remove_uncommitted(workdir: Path) -> list[str]:
+    """Deletes the unfinished checkpoint directories; returns their names."""
+    import shutil
+
+    removed = []
+    for path in uncommitted_entries(workdir):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        removed.append(path.name)
+    return removed
 
 
 def _to_saveable(state: TrainState):

@@ -165,6 +165,9 @@ def validate(cfg: RunConfig) -> None:
              f"choose one of {list(PROJECTIONS)}")
     _require(cfg.projection_k >= 0, "projection_k", cfg.projection_k, "must be >= 0")
     if cfg.projection != "none":
+        _require(cfg.projection_k >= 1, "projection_k", cfg.projection_k,
+                 f"--projection={cfg.projection} projects on the top-k subspace, so k must be "
+                 ">= 1", "Set --projection_k, or --projection=none.")
         _require(cfg.projection_k <= cfg.lanczos_iters, "projection_k", cfg.projection_k,
                  f"Lanczos finds at most --lanczos_iters={cfg.lanczos_iters} eigenvectors",
                  "Raise --lanczos_iters or lower --projection_k.")
@@ -172,3 +175,18 @@ def validate(cfg: RunConfig) -> None:
     _require(cfg.switch_step >= 0, "switch_step", cfg.switch_step, "must be >= 0")
     _require(not (cfg.overwrite and cfg.resume), "resume", cfg.resume,
              "--resume and --overwrite are exclusive", "Pick one.")
+
+
+def validate_for_model(cfg: RunConfig, num_params: int) -> None:
+    """Checks the settings bounded by the parameter count P (known once the model is built).
+
+    A Krylov space of a P×P Hessian has at most P dimensions, so at most P
+    eigenpairs can be tracked or projected on.
+    """
+    if cfg.track_every:
+        _require(cfg.track_k <= num_params, "track_k", cfg.track_k,
+                 f"the model has {num_params} parameters, so at most {num_params} eigenpairs "
+                 "exist", f"Use --track_k<={num_params}.")
+    if cfg.projection != "none":
+        _require(cfg.projection_k <= num_params, "projection_k", cfg.projection_k,
+                 f"the model has {num_params} parameters", f"Use --projection_k<={num_params}.")

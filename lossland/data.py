@@ -111,19 +111,38 @@ def _find_idx(data_dir: Path, stem: str) -> Path | None:
     return None
 
 
-def _load_idx_split(name: str, data_dir: Path, split: str, how_to_get: str):
+# The published IDX shapes of Fashion-MNIST (images, labels) per split.
+FASHION_MNIST_SHAPES = {"train": ((60000, 28, 28), (60000,)),
+                        "test": ((10000, 28, 28), (10000,))}
+
+
+def _load_idx_split(name: str, data_dir: Path, split: str, how_to_get: str,
+                    known_shapes: dict | None = None):
     image_stem, label_stem = _IDX_FILES[split]
     image_path, label_path = _find_idx(data_dir, image_stem), _find_idx(data_dir, label_stem)
     if image_path is None or label_path is None:
         raise DataError(
-            f"{name}: missing IDX files in {data_dir}. Expected {image_stem}[.gz] and "
-            f"{label_stem}[.gz]. {how_to_get}")
-    images, labels = read_idx(image_path), read_idx(label_path)
+            f"{name}: missing IDX files in --data_dir={str(data_dir)!r}. Expected "
+            f"{image_stem}[.gz] and {label_stem}[.gz]. {how_to_get}")
+    try:
+        images, labels = read_idx(image_path), read_idx(label_path)
+    except DataError as e:
+        raise DataError(f"{name}: {e} Check the files in --data_dir={str(data_dir)!r}. "
+                        f"{how_to_get}") from e
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
         raise DataError(f"{name}: {image_path} has shape {images.shape} and {label_path} "
-                        f"has shape {labels.shape}; expected (n, rows, cols) and (n,).")
+                        f"has shape {labels.shape}; expected (n, rows, cols) and (n,). Check "
+                        f"the files in --data_dir={str(data_dir)!r}.")
+    if known_shapes is not None and (images.shape, labels.shape) != known_shapes[split]:
+        # Size check against the published shapes: a file whose header and payload
+        # were both cut (or another dataset's file) passes read_idx, not this.
+        raise DataError(f"{name}: {image_path} has shape {images.shape} and {label_path} "
+                        f"has shape {labels.shape}; the published {split} split has "
+                        f"{known_shapes[split][0]} and {known_shapes[split][1]}. Check the "
+                        f"files in --data_dir={str(data_dir)!r}. {how_to_get}")
     if labels.size and labels.max() >= 10:
-        raise DataError(f"{name}: {label_path} holds label {labels.max()}; expected 0..9.")
+        raise DataError(f"{name}: {label_path} holds label {labels.max()}; expected 0..9. "
+                        f"Check the files in --data_dir={str(data_dir)!r}. {how_to_get}")
     return images.astype(np.float32) / 255.0, labels.astype(np.int32)
 
 
@@ -131,7 +150,8 @@ def _fashion_mnist(split, data_dir):
     directory = Path(data_dir or DEFAULT_FASHION_MNIST_DIR)
     return _load_idx_split("fashion_mnist", directory, split,
                            "Install them with `apt-get install dataset-fashion-mnist` "
-                           f"(into {DEFAULT_FASHION_MNIST_DIR}) or pass --data_dir.")
+                           f"(into {DEFAULT_FASHION_MNIST_DIR}) or pass --data_dir.",
+                           known_shapes=FASHION_MNIST_SHAPES)
 
 
 def _mnist(split, data_dir):

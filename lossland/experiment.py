@@ -43,12 +43,17 @@ def set_matmul_precision(name: str) -> None:
     jax.config.update("jax_default_matmul_precision", None if name == "default" else name)
 
 
+def check_dtype_backend(dtype_name: str, backend: str) -> None:
+    """Refuses a dtype the backend cannot compute in (float64 on TPU)."""
+    if dtype_name == "float64" and backend == "tpu":
+        raise config_lib.ConfigError("--dtype='float64' is not allowed on TPU backends: choose "
+                                     "--dtype=float32 there, or run on CPU or GPU.")
+
+
 def enable_dtype(dtype_name: str):
     """Switches JAX to 64-bit when asked; fails clearly where the backend cannot."""
+    check_dtype_backend(dtype_name, jax.default_backend())
     if dtype_name == "float64":
-        if jax.default_backend() == "tpu":
-            raise config_lib.ConfigError("--dtype=float64 is not supported on TPU backends; "
-                                         "use --dtype=float32, or run on CPU or GPU.")
         jax.config.update("jax_enable_x64", True)
         return jnp.float64
     return jnp.float32

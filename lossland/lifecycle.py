@@ -2,7 +2,10 @@
 
 Owns: the run statuses and their exit codes, what a workdir's records say
 about the run in it (`run_status`), which flags may change on resume
-(`config_changes`), restoring the state to resume from (`resume_state`),
+(`config_changes`, `check_resume`), repairing what a crash left
+(`repair_after_crash`: unfinished checkpoints, torn last lines), restoring the
+state to resume from, or step 0 where no checkpoint was committed
+(`resume_state`),
 what `ensure_run` does with a workdir (`plan_ensure_run`), and turning
 SIGINT/SIGTERM into a flag the loop checks.
 
@@ -116,29 +119,70 @@ def plan_ensure_run(cfg: config_lib.RunConfig) -> tuple[Optional[RunResult],
                              last_row=last, message=f"already {status}; skipped",
                              action=f"skipped ({status})"), None
         status = STATUS_INTERRUPTED
-    has_checkpoint = (workdir / records.CHECKPOINT_DIR).exists() and any(
-        p.name.isdigit() for p in (workdir / records.CHECKPOINT_DIR).iterdir())
+    has_checkpoint = bool(checkpoints.committed_steps(workdir))
     resume = not cfg.overwrite and has_checkpoint and status in (None, STATUS_INTERRUPTED)
     overwrite = cfg.overwrite or (workdir.exists() and not resume)
     return None, cfg.replace(resume=resume, overwrite=overwrite)
 
 
-def resume_state(workdir: Path, cfg: config_lib.RunConfig, template):
-    """The checkpointed state to continue from; drops the records it will recompute."""
+def check_resume(workdir: Path, cfg: config_lib.RunConfig) -> None:
+    """Refuses --resume where the saved run's flags differ in one that changes the trajectory.
+
+    Reads only; run before the experiment is built. A workdir without a
+    config.json passed records.check_workdir as a partial start: nothing to compare.
+    """
+    if not (workdir / records.CONFIG_FILE).exists():
+        return
     changes = config_changes(workdir, cfg)
     if changes:
         raise config_lib.ConfigError(
             f"--resume: flags differ from the run in {workdir}: {describe_changes(changes)}. "
             "Resume with the original flags (only --steps, --checkpoint_every and --plots "
-            "may change).")
-    manager = checkpoints.CheckpointManager(workdir)
-    state = manager.restore_latest(template)
-    if state is None:
-        raise records.WorkdirError(f"--resume: no checkpoint in {workdir / records.CHECKPOINT_DIR}; "
-                                   "the run cannot be resumed. Start afresh with --overwrite.")
+            "may change), or pass --overwrite instead of --resume to start afresh.")
+
+
+def resume_state(workdir: Path, cfg: config_lib.RunConfig, template):
+    """The state to continue from, after repairing what a crash left; drops rows to recompute.
+
+    Resume-or-start: with no committed checkpoint (a kill before the first one
+    was finalized), the run restarts from `template`, the step-0 state, with
+    the saved config, and every row is recomputed.
+    """
+    check_resume(workdir, cfg)
+    if distributed.is_main_process():
+        repair_after_crash(workdir)
+    distributed.barrier("lossland:crash-repaired")
+    state = checkpoints.CheckpointManager(workdir).restore_latest(template)
+    step = 0 if state is None else int(state.step)
     if distributed.is_main_process():  # the others wait at the workdir-ready barrier
         for name in (records.METRICS_FILE, records.DENSITY_FILE):
             if (workdir / name).exists():
-                records.truncate_rows_before(workdir / name, int(state.step))
-        print(f"resuming {workdir} from step {int(state.step)}", file=sys.stderr)
-    return state
+                records.truncate_rows_before(workdir / name, step)
+        if state is None:
+            print(f"--resume: no committed checkpoint in {workdir / records.CHECKPOINT_DIR}; "
+                  f"starting {workdir} from step 0 with its saved config", file=sys.stderr)
+        else:
+            print(f"resuming {workdir} from step {step}", file=sys.stderr)
+    return template if state is None else state
+
+
+def repair_after_crash(workdir: Path) -> dict:
+    """Removes unfinished checkpoints and cuts torn last lines, saying so on stderr.
+
+    Returns {"checkpoints_removed": [names], "torn_lines_repaired": count}.
+    """
+    removed = checkpoints.remove_uncommitted(workdir)
+    for name in removed:
+        print(f"--resume: removed {workdir / records.CHECKPOINT_DIR / name}: a checkpoint "
+              f"without orbax's commit marker ({checkpoints.COMMIT_MARKER}), left by a crash "
+              "mid-save", file=sys.stderr)
+    torn = 0
+    for name in (records.METRICS_FILE, records.DENSITY_FILE):
+        if (workdir / name).exists():
+            cut = records.repair_torn_last_line(workdir / name)
+            if cut:
+                torn += 1
+                print(f"--resume: repaired {workdir / name}: cut a torn last line ({cut} "
+                      "bytes) left by a crash mid-write; its row is recomputed",
+                      file=sys.stderr)
+    return {"checkpoints_removed": removed, "torn_lines_repaired": torn}

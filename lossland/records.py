@@ -4,9 +4,13 @@ Invariants:
   * metrics.jsonl is append-only, one JSON object per line, flushed and
     fsynced per row, so a crash loses at most the row being written;
   * a reader skips a partial (unterminated or unparsable) last line, with a
-    warning, and never fails on it;
+    warning, and never fails on it; resume repairs it (`repair_torn_last_line`),
+    with a message, before anything is appended;
   * on resume, rows after the checkpoint step are dropped (rewritten through a
     temporary file and an atomic rename) and recomputed.
+
+Must not: build models, run steps or decide whether a run resumes
+(lifecycle.py does); `check_workdir` only reads.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ CONFIG_FILE = "config.json"
 DENSITY_FILE = "density.jsonl"   # SLQ spectral-density snapshots, one row per snapshot
 CHECKPOINT_DIR = "checkpoints"
 PLOTS_DIR = "plots"
+# What a run killed before its config.json was renamed into place can leave:
+# the half-written config (write_json_atomic's temporary) and nothing else.
+START_LEFTOVERS = frozenset({CONFIG_FILE + ".tmp"})
 
 
 class WorkdirError(ValueError):
@@ -38,7 +45,10 @@ def check_workdir(workdir: str | Path, *, overwrite: bool, resume: bool = False)
     """Validates the workdir before any compute. Writes nothing.
 
     A workdir that exists and is not empty is refused unless --overwrite
-    (start afresh) or --resume (continue from its last checkpoint).
+    (start afresh) or --resume. --resume continues from the last checkpoint, or
+    starts at step 0 where the run never got that far (resume-or-start); it is
+    refused on a non-empty workdir that holds no config.json, since that is not
+    (the start of) a lossland run.
     """
     path = Path(workdir)
     if overwrite and resume:
@@ -46,15 +56,24 @@ def check_workdir(workdir: str | Path, *, overwrite: bool, resume: bool = False)
                            f"records in {path}, --resume continues them. Pick one.")
     if path.exists() and not path.is_dir():
         raise WorkdirError(f"--workdir={path} exists and is not a directory; choose another path.")
-    has_records = path.exists() and any(path.iterdir())
-    if resume and not (path / METRICS_FILE).exists():
-        raise WorkdirError(f"--resume: --workdir={path} holds no {METRICS_FILE} to resume; "
-                           "start a new run without --resume.")
-    if has_records and not (overwrite or resume):
+    contents = sorted(p.name for p in path.iterdir()) if path.exists() else []
+    if resume and contents and not (path / CONFIG_FILE).exists() \
+            and not set(contents) <= START_LEFTOVERS:
+        raise WorkdirError(f"--resume: --workdir={path} holds {contents[:5]} but no "
+                           f"{CONFIG_FILE}, so it holds no lossland run to resume (nor the "
+                           "start of one). Choose another --workdir, or pass --overwrite "
+                           "instead of --resume to replace its contents.")
+    if contents and not (overwrite or resume):
         raise WorkdirError(f"--workdir={path} exists and is not empty. Pass --overwrite to "
                            "replace its records, --resume to continue the run from its last "
                            "checkpoint, or choose a new --workdir.")
     return path
+
+
+def is_partial_start(path: Path) -> bool:
+    """True when `path` is missing or holds only what a run killed before config.json leaves."""
+    return not (path / CONFIG_FILE).exists() and (
+        not path.exists() or {p.name for p in path.iterdir()} <= START_LEFTOVERS)
 
 
 def prepare_workdir(path: Path, *, overwrite: bool) -> None:
@@ -198,6 +217,32 @@ def truncate_rows_before(path: Path, step: int) -> list[dict]:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return kept
+
+
+def repair_torn_last_line(path: Path) -> int:
+    """Cuts a half-written last line (a crash mid-write) off a .jsonl file; returns its length.
+
+    A torn line is whatever follows the last newline (rows are written whole,
+    newline last), or a final line that does not parse. Its row is never kept:
+    the row belongs to a step at or after the checkpoint resume starts from,
+    so it is recomputed. Returns 0 when the file is whole.
+    """
+    raw = path.read_bytes()
+    keep = raw.rfind(b"\n") + 1   # everything up to and with the last newline
+    if keep == len(raw):            # ends in a newline: is the last line JSON?
+        previous = raw.rfind(b"\n", 0, max(len(raw) - 1, 0)) + 1
+        last = raw[previous:].strip()
+        try:
+            if last:
+                json.loads(last)
+            return 0
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            keep = previous
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    return len(raw) - keep
 
 
 def scalar_rows(rows: Iterable[dict], key: str) -> tuple[np.ndarray, np.ndarray]:

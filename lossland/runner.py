@@ -43,15 +43,20 @@ def run(cfg: config_lib.RunConfig, *, progress: bool = True,
     then be on a filesystem every host sees.
     """
     workdir = records.check_workdir(cfg.workdir, overwrite=cfg.overwrite, resume=cfg.resume)
+    if cfg.resume:
+        lifecycle.check_resume(workdir, cfg)
+    # Resume-or-start: --resume on a workdir a kill left before config.json starts afresh.
+    resuming = cfg.resume and not records.is_partial_start(workdir)
     exp = experiment or build_experiment(cfg)
+    config_lib.validate_for_model(cfg, exp.model.num_params)
     state = checkpoints.initial_state(exp.model.params, exp.optimizer.init(exp.model.params),
                                       cfg.track_k if cfg.track_every else 1)
     # Every process has checked the workdir before the first one changes it.
     distributed.barrier("lossland:workdir-checked")
-    if cfg.resume:
+    if resuming:
         state = lifecycle.resume_state(workdir, cfg, state)
     elif distributed.is_main_process():
-        records.prepare_workdir(workdir, overwrite=cfg.overwrite)
+        records.prepare_workdir(workdir, overwrite=cfg.overwrite or cfg.resume)
         records.write_config(workdir, cfg.asdict(), {
             "num_params": exp.model.num_params, "n_train": int(exp.x.shape[0]),
             "num_devices": sharding.mesh_size(exp.mesh)})
