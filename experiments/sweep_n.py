@@ -1,15 +1,18 @@
 """Dataset-size sweep (claims C1, C2): train on nested subsets N1 < N2 < … and fit against N.
 
-For every grid point (dataset × loss × activation × N × seed) one run trains
-full-batch GD until λ1·η/2 ≥ --eos_threshold has held for --hold_steps steps
-(or --max_steps), probing along v1, the gradient, the last displacement and
-random directions at the end (and every --probe_every steps). The sweep then
-fits each recorded quantity against N on log–log axes, with a bootstrap
-interval over seeds, and writes
+For every grid point (dataset × model × loss × activation × N × seed) one run
+trains full-batch GD until it has held the edge of stability for --hold_steps
+steps (`lossland.eos`: entry at the first upward crossing of --eos_threshold,
+then the trailing median of λ1·η/2 inside --eos_band), or --max_steps, probing
+along v1, the gradient, the last displacement, v1 at the first tracked step and
+random directions at the end (and every --probe_every steps). The analysis
+(`lossland.scaling`) fits each recorded quantity against N on log–log axes, with
+a bootstrap interval over seeds, using only the runs that held the edge of
+stability; a group with fewer than 3 sizes N there is "inconclusive". It writes
 
     <workdir>/runs/<name>/     one run directory per grid point (metrics.jsonl, ...)
-    <workdir>/sweep.jsonl      one row per grid run: stop_reason and the final quantities
-    <workdir>/summary.json     per group and quantity: values per N and seed, fits, CIs
+    <workdir>/sweep.jsonl      one row per grid run: stop_reason, EoS state, final quantities
+    <workdir>/summary.json     a list of groups: runs_total, runs_at_eos, verdicts, fits, CIs
     <workdir>/plots/*.png      each quantity against N, one line per activation
     <workdir>/verdict.md       claims C1 and C2, generated from summary.json
 
@@ -17,7 +20,7 @@ Rerunning skips finished grid points, resumes interrupted ones from their last
 checkpoint, and rewrites the summary; --overwrite starts every point afresh.
 
     python -m experiments.sweep_n --preset=smoke --workdir=/tmp/sweep_smoke
-    python -m experiments.sweep_n --preset=quick --workdir=runs/sweep_quick   # ≤ 20 min, 2 CPUs
+    python -m experiments.sweep_n --preset=quick --workdir=runs/sweep_quick   # 2 CPUs
     python -m experiments.sweep_n --preset=full --workdir=runs/sweep_full     # accelerator
 """
 

@@ -40,6 +40,8 @@ class TrainState:
     last_lambda1: Any    # float scalar: λ1 of the last tracked step (for messages)
     wall_time: Any       # float scalar: seconds spent before this checkpoint
     displacement: Any    # (P,) θ_t − θ_{t−1}, the last step (a probe direction)
+    init_v1: Any         # (P,) v1 at the run's first tracked step (a C2 control direction;
+                         # zeros before it)
     cum_delta_top: Any   # float scalar: Σ ΔL_top over the tracked steps so far
     cum_delta_bulk: Any  # float scalar: Σ ΔL_bulk over the tracked steps so far
 
@@ -49,7 +51,8 @@ def initial_state(params, opt_state, track_k: int) -> TrainState:
     return TrainState(step=0, params=params, opt_state=opt_state,
                       eigvecs=jnp.zeros((track_k, flat.shape[0]), flat.dtype),
                       has_eigvecs=False, last_lambda1=0.0, wall_time=0.0,
-                      displacement=jnp.zeros_like(flat), cum_delta_top=0.0, cum_delta_bulk=0.0)
+                      displacement=jnp.zeros_like(flat), init_v1=jnp.zeros_like(flat),
+                      cum_delta_top=0.0, cum_delta_bulk=0.0)
 
 
 TMP_DIR_MARK = ".orbax-checkpoint-tmp"   # orbax's atomicity_types.TMP_DIR_SUFFIX

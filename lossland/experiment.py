@@ -108,4 +108,5 @@ def place_state(state, mesh):
     run, inputs placed like the step's own outputs keep it to one compilation.
     """
     return state.replace(**{name: sharding.replicate(getattr(state, name), mesh)
-                            for name in ("params", "opt_state", "eigvecs", "displacement")})
+                            for name in ("params", "opt_state", "eigvecs", "displacement",
+                                         "init_v1")})

@@ -147,6 +147,8 @@ class _Loop:
         # treats as a cold start; always passing an array keeps one compilation.
         row_arrays, vectors = self.tracker(state.params, data, key, state.eigvecs)
         row = _tracked_row(row_arrays, cfg.lr)
+        if not state.has_eigvecs:   # the first tracked step: keep v1 as the probes' control
+            state = state.replace(init_v1=vectors[0])
         state = state.replace(eigvecs=vectors, has_eigvecs=True, last_lambda1=row["eigenvalues"][0],
                               cum_delta_top=state.cum_delta_top + row["delta_loss_top"],
                               cum_delta_bulk=state.cum_delta_bulk + row["delta_loss_bulk"])
@@ -163,7 +165,7 @@ class _Loop:
                                                         in snapshot._asdict().items()}})
         if self.prober is not None and step % cfg.probe_every == 0:
             row.update(self.prober(state.params, data, vectors[0], state.displacement,
-                                   jax.random.fold_in(key, 1)))
+                                   jax.random.fold_in(key, 1), state.init_v1))
         row["track_time"] = time.time() - start
         return row, state
 
@@ -184,7 +186,8 @@ class _Loop:
                 # Probes also run at the very end, along the final v1.
                 final.update(self.prober(final_state.params, self.data, final_state.eigvecs[0],
                                          final_state.displacement,
-                                         jax.random.fold_in(self.base_key, step + 1)))
+                                         jax.random.fold_in(self.base_key, step + 1),
+                                         final_state.init_v1))
             final["eos_entry_step"] = self.eos_monitor.entry_step
             final["held_steps"] = eos.held_steps(self.eos_monitor)
         return self.finish(lifecycle.STATUS_FINISHED, step, final)

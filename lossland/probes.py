@@ -280,8 +280,9 @@ def _objective_kernel(objective, unravel, data):
 
 
 def direction_names(num_random_directions: int) -> list[str]:
-    """Probe directions, in order: top eigenvector, gradient, last displacement, random."""
-    return ["v1", "grad", "disp"] + [f"rand{j}" for j in range(num_random_directions)]
+    """Probe directions, in order: top eigenvector, gradient, last displacement, the top
+    eigenvector at the run's first tracked step (a control for C2), random."""
+    return ["v1", "grad", "disp", "v1init"] + [f"rand{j}" for j in range(num_random_directions)]
 
 
 def _default_batch_size(data) -> int:
@@ -295,21 +296,22 @@ def _default_batch_size(data) -> int:
 
 def make_probe_grids(objective, *, s_max: float, num_points: int, num_random_directions: int,
                      batch_size: Optional[int] = None):
-    """Jitted `probe(params, data, v1_flat, displacement_flat, key) -> (grids, floors)`.
+    """Jitted `probe(params, data, v1_flat, displacement_flat, key, v1_init_flat) -> (grids,
+    floors)`.
 
     grids: LineProbe of (D, S) arrays over the directions of `direction_names`;
-    floors: ValleyFloor of (D,) arrays. A zero displacement gives a zero
-    direction (its entries are meaningless; `make_prober` drops them).
+    floors: ValleyFloor of (D,) arrays. A zero displacement or v1_init gives a
+    zero direction (its entries are meaningless; `make_prober` drops them).
     """
     names = direction_names(num_random_directions)
 
-    def probe(params, data, v1, displacement, key):
+    def probe(params, data, v1, displacement, key, v1_init):
         theta, unravel = ravel_pytree(params)
         flat_loss = lambda t: objective.loss_fn(unravel(t), data)
         _, _, grad = objective.loss_accuracy_grad_fn(params, data)
         g = ravel_pytree(grad)[0]
         rand = jax.random.normal(key, (num_random_directions,) + theta.shape, theta.dtype)
-        U = jnp.stack([_unit(d, theta) for d in [v1, g, displacement, *rand]])
+        U = jnp.stack([_unit(d, theta) for d in [v1, g, displacement, v1_init, *rand]])
         s_grid = jnp.linspace(-s_max, s_max, num_points, dtype=theta.dtype)
         kernel = _objective_kernel(objective, unravel, data)
         d_idx, s_idx = jnp.divmod(jnp.arange(len(names) * num_points), num_points)
@@ -335,6 +337,8 @@ def summarize_probe(name: str, grids: LineProbe, floor: ValleyFloor) -> dict:
     finite_max = lambda a: float(np.nanmax(np.where(np.isfinite(a), a, np.nan))) \
         if np.any(np.isfinite(a)) else float("nan")
     p = f"probe_{name}_"
+    slope0 = float(np.asarray(grids.slope)[center])
+    grad0 = float(np.asarray(grids.grad_norm)[center])
     return {
         p + "s_star": s_star,
         p + "at_edge": bool(floor.at_edge),
@@ -344,6 +348,8 @@ def summarize_probe(name: str, grids: LineProbe, floor: ValleyFloor) -> dict:
         p + "max_grad_norm_perp": finite_max(np.asarray(grids.grad_norm_perp)),
         p + "max_curvature": finite_max(np.asarray(grids.curvature)),
         p + "curvature_at_0": float(np.asarray(grids.curvature)[center]),
+        # cos² of the angle between ∇L(θ) and the direction: χ_1 for v1 (a C2 alignment).
+        p + "grad_alignment": slope0 ** 2 / grad0 ** 2 if grad0 > 0 else float("nan"),
         p + "slope_exponent_left": slope_l.exponent,
         p + "slope_exponent_right": slope_r.exponent,
         p + "curvature_exponent_left": curv_l.exponent,
@@ -353,10 +359,12 @@ def summarize_probe(name: str, grids: LineProbe, floor: ValleyFloor) -> dict:
 
 def make_prober(objective, *, s_max: float, num_points: int, num_random_directions: int,
                 batch_size: Optional[int] = None):
-    """The runner's prober: `prober(params, data, v1_flat, displacement_flat, key) -> dict`.
+    """The runner's prober: `prober(params, data, v1_flat, displacement_flat, key,
+    v1_init_flat=None) -> dict`.
 
     Probes along v1, the normalized gradient, the last GD displacement (its keys
-    are None when the displacement is 0, e.g. at step 0) and
+    are None when the displacement is 0, e.g. at step 0), the top eigenvector at
+    the run's first tracked step (`v1init`, a control: None when not given) and
     `num_random_directions` random unit directions drawn from `key`, on
     `num_points` points of [−s_max, s_max]. The dict holds plain floats/bools:
 
@@ -369,14 +377,18 @@ def make_prober(objective, *, s_max: float, num_points: int, num_random_directio
     probe = make_probe_grids(objective, s_max=s_max, num_points=num_points,
                              num_random_directions=num_random_directions, batch_size=batch_size)
 
-    def prober(params, data, v1_flat, displacement_flat, key) -> dict:
-        grids, floors = jax.device_get(probe(params, data, v1_flat, displacement_flat, key))
-        has_disp = float(jnp.linalg.norm(displacement_flat)) > 0
+    def prober(params, data, v1_flat, displacement_flat, key, v1_init_flat=None) -> dict:
+        if v1_init_flat is None:
+            v1_init_flat = jnp.zeros_like(v1_flat)
+        grids, floors = jax.device_get(probe(params, data, v1_flat, displacement_flat, key,
+                                             v1_init_flat))
+        has = {"disp": float(jnp.linalg.norm(displacement_flat)) > 0,
+               "v1init": float(jnp.linalg.norm(v1_init_flat)) > 0}
         row = {"probe_s_max": float(s_max)}
         for index, name in enumerate(names):
             summary = summarize_probe(name, jax.tree_util.tree_map(lambda a: a[index], grids),
                                       jax.tree_util.tree_map(lambda a: a[index], floors))
-            if name == "disp" and not has_disp:
+            if not has.get(name, True):
                 summary = dict.fromkeys(summary)
             row.update(summary)
         row["valley_distance"] = abs(row["probe_v1_s_star"])

@@ -129,8 +129,13 @@ def run_row(point: GridPoint, run_dir: Path, settings: dict) -> dict:
                 final.get(f"probe_{d}_{kind}_exponent_{side}") for side in ("left", "right"))
     _, window = late_window(rows, rule)
     row["valley_distance_late"] = _median_of(window, "valley_distance")
-    # C2's control: the same distance along a random unit direction (probe "rand0").
+    # C2's controls: the same distance along a random unit direction (probe "rand0") and
+    # along the top eigenvector at the run's first tracked step (probe "v1init"); and the
+    # alignment cos²(∇L, u) along each, against χ_1 = cos²(∇L, v1).
     row["valley_distance_late_random"] = _median_of(window, "probe_rand0_s_star")
+    row["valley_distance_late_v1init"] = _median_of(window, "probe_v1init_s_star")
+    row["alignment_late_random"] = _median_of(window, "probe_rand0_grad_alignment")
+    row["alignment_late_v1init"] = _median_of(window, "probe_v1init_grad_alignment")
     row["valley_late_edge_fraction"] = (float(np.mean([bool(r.get("valley_at_edge"))
                                                        for r in window])) if window else None)
     row["valley_late_count"] = sum(math.isfinite(finite_or_nan(r.get("valley_distance")))
@@ -150,8 +155,9 @@ C1_VERDICT_OF_READING = {"growing": "for", "falling": "against", "flat": "agains
                          "saturating": "against", "unresolved": "inconclusive",
                          "undetermined": "inconclusive"}
 MIN_SIZES_AT_EOS = 3   # fewer N values at the edge of stability: "inconclusive", never for/against
-# C2's control rule: attraction beats the control when the late |s*| along v1 is at most
-# this fraction of the late |s*| along a random direction. Fixed before any run.
+# C2's control rule (`c2_checks`): attraction beats a control direction when the late |s*|
+# along v1 is at most this fraction of the late |s*| along it, and the gradient's alignment
+# with v1 is at least 1/this times its alignment with it. Fixed before any run.
 C2_CONTROL_FRACTION = 0.5
 
 
@@ -166,20 +172,39 @@ def c1_group_verdict(entry: dict, confidence: float) -> str:
     return C1_VERDICT_OF_READING[reading]
 
 
+def c2_checks(c2: dict, s_max: float) -> dict:
+    """The three C2 checks of a group (True, False, or None when a number is missing):
+
+    close: the late |s*| along v1 is ≤ CLOSE_FRACTION·s_max;
+    nearer_than_controls: it is ≤ C2_CONTROL_FRACTION × the late |s*| along each control
+      direction (random, and v1 at the first tracked step);
+    aligned_beyond_controls: C2_CONTROL_FRACTION × the late χ_1 is ≥ the late gradient
+      alignment cos²(∇L, u) along each control.
+    """
+    late = c2["late_median"]
+    controls = [c2["late_random_median"], c2["late_v1init_median"]]
+    alignments = [c2["alignment_random_median"], c2["alignment_v1init_median"]]
+    known = lambda *xs: all(math.isfinite(x) for x in xs)
+    return {
+        "close": (late <= verdicts.CLOSE_FRACTION * s_max) if known(late) and s_max else None,
+        "nearer_than_controls": (all(late <= C2_CONTROL_FRACTION * c for c in controls)
+                                 if known(late, *controls) else None),
+        "aligned_beyond_controls": (all(C2_CONTROL_FRACTION * c2["chi_1_late_median"] >= a
+                                        for a in alignments)
+                                    if known(c2["chi_1_late_median"], *alignments) else None),
+    }
+
+
 def c2_group_verdict(entry: dict, s_max: float) -> str:
-    """"for" when the late |s*| along v1 is close (≤ CLOSE_FRACTION·s_max) and beats the
-    random-direction control; "against" when it is neither; "inconclusive" otherwise or
-    with fewer than MIN_SIZES_AT_EOS sizes at the edge of stability."""
-    if entry["sizes_at_eos"] < MIN_SIZES_AT_EOS:
+    """"for" when every check of `c2_checks` holds, "against" when none does,
+    "inconclusive" otherwise, when one is missing, or with fewer than MIN_SIZES_AT_EOS
+    sizes at the edge of stability."""
+    checks = list(entry["c2"]["checks"].values())
+    if entry["sizes_at_eos"] < MIN_SIZES_AT_EOS or None in checks:
         return "inconclusive"
-    late, control = entry["c2"]["late_median"], entry["c2"]["late_random_median"]
-    if not (math.isfinite(late) and s_max and s_max > 0):
-        return "inconclusive"
-    close = late <= verdicts.CLOSE_FRACTION * s_max
-    beats = math.isfinite(control) and late <= C2_CONTROL_FRACTION * control
-    if close and beats:
+    if all(checks):
         return "for"
-    if not close and not beats:
+    if not any(checks):
         return "against"
     return "inconclusive"
 
@@ -221,8 +246,11 @@ def summarize_group(members: list[dict], settings: dict) -> dict:
              "quantities": _fits(at_eos, settings)}
     entry["c2"] = {
         "late_median": nanmedian([finite_or_nan(r.get("valley_distance_late")) for r in at_eos]),
-        "late_random_median": nanmedian([finite_or_nan(r.get("valley_distance_late_random"))
-                                         for r in at_eos]),
+        **{f"{name}_median": nanmedian([finite_or_nan(r.get(key)) for r in at_eos])
+           for name, key in (("late_random", "valley_distance_late_random"),
+                             ("late_v1init", "valley_distance_late_v1init"),
+                             ("alignment_random", "alignment_late_random"),
+                             ("alignment_v1init", "alignment_late_v1init"))},
         "init_median": nanmedian([finite_or_nan(r.get("valley_distance_init")) for r in at_eos]),
         "chi_1_late_median": nanmedian([finite_or_nan(r.get("chi_1_late")) for r in at_eos]),
         "late_edge_fraction": nanmean(r.get("valley_late_edge_fraction") for r in at_eos),
@@ -233,6 +261,7 @@ def summarize_group(members: list[dict], settings: dict) -> dict:
     entry["shape"] = {key: nanmedian([finite_or_nan(r.get(key)) for r in at_eos]) for key in
                       ("probe_v1_slope_exponent", "probe_v1_curvature_exponent",
                        "probe_v1_quadratic_ratio")}
+    entry["c2"]["checks"] = c2_checks(entry["c2"], settings["probe_s_max"])
     entry["verdict"] = c1_group_verdict(entry, settings["confidence"])
     entry["c2_verdict"] = c2_group_verdict(entry, settings["probe_s_max"])
     return entry

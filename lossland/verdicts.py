@@ -263,12 +263,14 @@ def c2_verdict(summary: dict) -> str:
         "median of |s*| over the probed steps from the run's entry into the edge of stability "
         "on (lossland.eos), final iterate included. Only runs that held the edge of stability "
         "count. When the minimum sits at ±s_max the floor is farther and |s*| = s_max is a "
-        "lower bound. We call the iterate close to the floor when the late "
-        f"level is ≤ {CLOSE_FRACTION:g}·s_max (s_max = {fmt(s_max, 3)}), and attraction beats "
-        "the control when it is also ≤ "
-        f"{summary.get('c2_control_fraction', 0.5):g}× the same late distance along a random unit "
-        "direction (probe rand0). Both rules are fixed in advance (lossland.scaling): C2 holds "
-        "(\"for\") when both hold, fails (\"against\") when neither does, and is "
+        "lower bound. Three checks, fixed in advance (lossland.scaling.c2_checks): the iterate "
+        f"is close to the floor when the late level is ≤ {CLOSE_FRACTION:g}·s_max (s_max = "
+        f"{fmt(s_max, 3)}); it is nearer than the controls when the late level is ≤ "
+        f"{summary.get('c2_control_fraction', 0.5):g}× the same late distance along each control "
+        "direction (a random unit direction, and v1 at the run's first tracked step); and the "
+        f"gradient is aligned beyond the controls when {summary.get('c2_control_fraction', 0.5):g}"
+        "× the late χ_1 = cos²(∇L, v1) is ≥ cos²(∇L, u) for each control u. C2 holds "
+        "(\"for\") when all three hold, fails (\"against\") when none does, and is "
         "\"inconclusive\" otherwise or with fewer than "
         f"{summary.get('min_sizes_at_eos', 3)} sizes N at the edge of stability.",
         ""]
@@ -285,9 +287,13 @@ def c2_verdict(summary: dict) -> str:
                 f"({eos_count(group)}). Late |s*| median over those runs {fmt(late, 3)} = "
                 f"{fmt(100 * fraction, 1)}% of s_max ({verdict}); floor beyond the probe range "
                 f"in {fmt(late_edge, 0)}% of late probes. At step 0 the median was "
-                f"{fmt(init, 3)} ({fmt(init_edge, 0)}% at the edge); along a random direction "
-                f"the late median was {fmt(control, 3)}; median χ_1 after entry "
-                f"{fmt(_number(c2.get('chi_1_late_median')), 3)}")
+                f"{fmt(init, 3)} ({fmt(init_edge, 0)}% at the edge). Controls, late medians: "
+                f"|s*| {fmt(control, 3)} along a random direction and "
+                f"{fmt(_number(c2.get('late_v1init_median')), 3)} along v1 at the first tracked "
+                f"step; χ_1 {fmt(_number(c2.get('chi_1_late_median')), 3)} against alignments "
+                f"{fmt(_number(c2.get('alignment_random_median')), 3)} (random) and "
+                f"{fmt(_number(c2.get('alignment_v1init_median')), 3)} (v1 at the first tracked "
+                f"step); checks {c2.get('checks')}")
         if _finite(late) and _finite(init) and init > 0 and late > 0:
             change = (f"shrank by a factor {fmt(init / late, 1)}" if late < init
                       else f"grew by a factor {fmt(late / init, 1)}")

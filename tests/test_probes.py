@@ -161,20 +161,28 @@ def test_prober_row_is_compact_json_and_consistent():
     prober = probes.make_prober(objective, s_max=0.05, num_points=11, num_random_directions=2)
     row = prober(params, objective.data, v1, jnp.zeros_like(theta), jax.random.key(0))
     names = probes.direction_names(2)
-    assert names == ["v1", "grad", "disp", "rand0", "rand1"]
+    assert names == ["v1", "grad", "disp", "v1init", "rand0", "rand1"]
     json.dumps(records.to_jsonable(row), allow_nan=False)
     assert all(not isinstance(v, (list, tuple, np.ndarray, jax.Array)) for v in row.values())
     assert row["valley_distance"] == abs(row["probe_v1_s_star"]) <= 0.05 + 1e-6
-    assert all(row[f"probe_disp_{k}"] is None for k in ("s_star", "max_grad_norm"))
+    assert all(row[f"probe_{d}_{k}"] is None for k in ("s_star", "max_grad_norm")
+               for d in ("disp", "v1init"))
+    # cos² of the gradient with each direction: 1 along the gradient itself.
+    assert row["probe_grad_grad_alignment"] == pytest.approx(1.0, rel=1e-4)
+    g_flat = ravel_pytree(objective.grad(params))[0]
+    cos2 = float(jnp.vdot(g_flat, v1) ** 2 / jnp.vdot(g_flat, g_flat))
+    assert row["probe_v1_grad_alignment"] == pytest.approx(cos2, rel=1e-3, abs=1e-8)
     assert row["probe_v1_curvature_at_0"] == pytest.approx(float(eigenvalues[-1]), rel=1e-3)
     assert row["probe_v1_max_curvature"] >= row["probe_v1_curvature_at_0"] - 1e-6
     g = ravel_pytree(objective.grad(params))[0]
     assert row["probe_grad_max_grad_norm"] >= float(jnp.linalg.norm(g)) * 0.99
-    moved = prober(params, objective.data, v1, 0.01 * v1, jax.random.key(0))
+    moved = prober(params, objective.data, v1, 0.01 * v1, jax.random.key(0), -2.0 * v1)
     assert moved["probe_disp_s_star"] == pytest.approx(moved["probe_v1_s_star"], abs=1e-6)
+    # The control direction v1init, here −v1: the same line, mirrored.
+    assert moved["probe_v1init_s_star"] == pytest.approx(-moved["probe_v1_s_star"], abs=1e-6)
     batched = probes.make_prober(objective, s_max=0.05, num_points=11, num_random_directions=2,
                                  batch_size=4)(params, objective.data, v1, 0.01 * v1,
-                                               jax.random.key(0))
+                                               jax.random.key(0), -2.0 * v1)
     for key, value in moved.items():
         if isinstance(value, float) and np.isfinite(value):
             assert batched[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key

@@ -228,9 +228,10 @@ def _assert_rows_close(got: list[dict], want: list[dict], rtol: float, keys=None
     for row_got, row_want in zip(got, want):
         for key, value in row_want.items():
             if keys is not None and key not in keys:
-                assert np.all(np.isfinite(row_got[key])) if not isinstance(value, str) else True
+                if not isinstance(value, str) and value is not None:
+                    assert np.all(np.isfinite(row_got[key])), key
                 continue
-            if isinstance(value, str):
+            if isinstance(value, str) or value is None:
                 assert row_got[key] == value, key
                 continue
             if key in _SCALE_OF:

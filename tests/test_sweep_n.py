@@ -61,6 +61,9 @@ def _synthetic_rows(rng):
                              "probe_max_curvature": 40.0 * noise, "grad_norm": 0.5 * noise,
                              "valley_distance_late": 0.002 * noise,
                              "valley_distance_late_random": 0.04 * noise,
+                             "valley_distance_late_v1init": 0.03 * noise,
+                             "chi_1_late": 0.9, "alignment_late_random": 1e-4 * noise,
+                             "alignment_late_v1init": 0.05 * noise,
                              "valley_distance_init": 0.05, "valley_init_at_edge": True,
                              "valley_late_edge_fraction": 0.0})
     return rows
@@ -132,7 +135,14 @@ def test_fits_use_only_runs_at_the_edge_of_stability_and_few_sizes_are_inconclus
     assert relu["runs_total"] == relu["runs_at_eos"] == 18 and relu["sizes_at_eos"] == 6
     assert relu["verdict"] == "for"                     # N^0.5 growth: consistent with C1
     assert _group(full, TANH)["verdict"] == "against"   # flat
-    assert relu["c2_verdict"] == "for"                  # 0.002 ≤ 0.1·s_max and ≤ 0.5 × 0.04
+    # 0.002 ≤ 0.1·s_max, ≤ 0.5 × 0.04 and 0.03 (controls), 0.5 × 0.9 ≥ 1e-4 and 0.05.
+    assert relu["c2_verdict"] == "for" and all(relu["c2"]["checks"].values())
+    # A control direction as near to the floor as v1: attraction does not beat it.
+    near = [dict(r, valley_distance_late_v1init=0.002) for r in rows]
+    checks = _group(scaling.summarize(near, SETTINGS), RELU)["c2"]["checks"]
+    assert checks == {"close": True, "nearer_than_controls": False,
+                      "aligned_beyond_controls": True}
+    assert _group(scaling.summarize(near, SETTINGS), RELU)["c2_verdict"] == "inconclusive"
     # Only the two smallest N held the edge of stability: they are the only ones fitted, and
     # two sizes cannot decide.
     few = [dict(r, at_eos=r["n"] <= 500, eos_label="at_eos" if r["n"] <= 500 else "above_eos")
