@@ -79,6 +79,13 @@ def define_run_flags(**default_overrides) -> None:
                          "step.", lower_bound=1)
     flags.DEFINE_float("lanczos_tol", d.lanczos_tol, "Stop Lanczos once every top-k Ritz "
                        "residual ≤ tol·|λ| (0 = run all --lanczos_iters).")
+    flags.DEFINE_enum("tracker", d.tracker, list(config_lib.TRACKERS), "Top-k solver per tracked "
+                      "step: lanczos (one HVP per iteration, warm-started) or block (warm-started "
+                      "block Davidson on block HVPs of --track_block_size vectors; see "
+                      "BUILD_NOTES for which is faster where).")
+    flags.DEFINE_integer("track_block_size", d.track_block_size, "Vectors per block product "
+                         "for --tracker=block (0 = track_k + 2; must be >= --track_k).",
+                         lower_bound=0)
     flags.DEFINE_boolean("track_gn", d.track_gn, "Also track the top eigenvalues of the "
                          "Gauss–Newton part G = JᵀH_outJ and of the residual H − G.")
     flags.DEFINE_integer("density_every", d.density_every, "Stochastic-Lanczos spectral density "

@@ -22,6 +22,7 @@ DTYPES = ("float32", "float64")
 # bfloat16 passes on TPU. The CPU computes float32 products in float32 either way.
 MATMUL_PRECISIONS = ("highest", "default")
 PROJECTIONS = ("none", "dom", "bulk")
+TRACKERS = ("lanczos", "block")
 
 
 class ConfigError(ValueError):
@@ -66,6 +67,8 @@ class RunConfig:
     lanczos_iters: int = 60
     lanczos_tol: float = 1e-3
     track_gn: bool = False
+    tracker: str = "lanczos"     # lanczos: one HVP per iteration; block: block products (issue 13)
+    track_block_size: int = 0    # block tracker's b (0 = track_k + 2); >= track_k
     density_every: int = 0       # 0 = off
     # the edge of stability (lossland.eos): entry, band, trailing window, early stop
     eos_hold_steps: int = 0      # stop once the run has held the edge this many steps (0 = off)
@@ -135,6 +138,10 @@ def validate(cfg: RunConfig) -> None:
     _require(cfg.track_k >= 1, "track_k", cfg.track_k, "must be >= 1")
     _require(cfg.lanczos_iters >= cfg.track_k, "lanczos_iters", cfg.lanczos_iters,
              f"must be >= --track_k={cfg.track_k}")
+    _require(cfg.tracker in TRACKERS, "tracker", cfg.tracker, f"choose one of {list(TRACKERS)}")
+    _require(cfg.track_block_size == 0 or cfg.track_block_size >= cfg.track_k, "track_block_size",
+             cfg.track_block_size, f"a block holds the k={cfg.track_k} tracked vectors, so it "
+             "must be >= --track_k (or 0 = track_k + 2)", "Raise --track_block_size.")
     _require(cfg.lanczos_tol >= 0, "lanczos_tol", cfg.lanczos_tol, "must be >= 0 (0 = no early stop)")
     _require(cfg.density_every >= 0, "density_every", cfg.density_every, "must be >= 0 (0 = off)")
     if cfg.density_every:
@@ -187,6 +194,14 @@ def validate_for_model(cfg: RunConfig, num_params: int) -> None:
         _require(cfg.track_k <= num_params, "track_k", cfg.track_k,
                  f"the model has {num_params} parameters, so at most {num_params} eigenpairs "
                  "exist", f"Use --track_k<={num_params}.")
+        if cfg.tracker == "block":
+            _require(block_size(cfg) <= num_params, "track_block_size", block_size(cfg),
+                     f"the model has {num_params} parameters", "Lower --track_block_size.")
     if cfg.projection != "none":
         _require(cfg.projection_k <= num_params, "projection_k", cfg.projection_k,
                  f"the model has {num_params} parameters", f"Use --projection_k<={num_params}.")
+
+
+def block_size(cfg: RunConfig) -> int:
+    """The block tracker's b: --track_block_size, or track_k + 2 when it is 0."""
+    return cfg.track_block_size or cfg.track_k + 2

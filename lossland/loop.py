@@ -64,7 +64,8 @@ class _Loop:
         self.tracker = (tracking_lib.make_tracker(self.objective, k=cfg.track_k,
                                                   num_iters=cfg.lanczos_iters,
                                                   tol=cfg.lanczos_tol, track_gn=cfg.track_gn,
-                                                  lr=cfg.lr)
+                                                  lr=cfg.lr, tracker=cfg.tracker,
+                                                  block_size=config_lib.block_size(cfg))
                         if cfg.track_every else None)
         self.prober = _make_prober(self.objective, cfg) if cfg.probe_every else None
         self.density = (tracking_lib.make_density(self.objective, num_probes=DENSITY_PROBES,
@@ -248,6 +249,8 @@ def _scalars(metrics) -> dict:
 def _tracked_row(row_arrays: dict, lr: float) -> dict:
     row = {key: np.asarray(value).tolist() for key, value in row_arrays.items()}
     row["num_matvecs"] = int(row["num_matvecs"])
+    if "num_block_products" in row:
+        row["num_block_products"] = int(row["num_block_products"])
     row["stability_ratio"] = row["eigenvalues"][0] * lr / 2.0
     return row
 

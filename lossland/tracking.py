@@ -1,8 +1,9 @@
 """Curvature tracking along a training trajectory: one jitted function per run.
 
 At a tracked step the tracker computes, at the current params θ_t:
-  * the top-k Hessian eigenpairs by Lanczos on full-batch HVPs, warm-started
-    from the previous tracked step's eigenvectors;
+  * the top-k Hessian eigenpairs, warm-started from the previous tracked
+    step's eigenvectors: by Lanczos on full-batch HVPs (tracker="lanczos"), or
+    by the block solver on full-batch block HVPs of b vectors (tracker="block");
   * χ_1 and χ_k = ‖V_kᵀ g‖²/‖g‖² (MISSION.md, "Top-subspace gradient fraction");
   * ‖g‖ split into its parts inside and outside span V_k;
   * optionally the top eigenvalues of the Gauss–Newton part G and of the
@@ -18,18 +19,30 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from lossland import curvature, subspace
-from lossland.objective import Objective, flat_matvec
+from lossland.objective import Objective, flat_block_matvec, flat_matvec
 
 
 def make_tracker(objective: Objective, *, k: int, num_iters: int, tol: Optional[float],
-                 track_gn: bool, lr: float):
+                 track_gn: bool, lr: float, tracker: str = "lanczos", block_size: int = 0):
     """Returns jitted `track(params, data, key, init_vectors) -> (row, eigenvectors)`.
 
     `init_vectors` is the (k, P) eigenvectors of the previous tracked step, or
     zeros (a cold start from the random `key` vector). The returned `row` is a dict of arrays that the
-    driver writes into metrics.jsonl.
+    driver writes into metrics.jsonl; `num_matvecs` counts vectors multiplied
+    by H (b per block product), `num_block_products` the block products.
     """
     tol = tol or None
+    block_size = block_size or k + 2
+    num_blocks = -(-num_iters // block_size)     # about the same matvec budget as Lanczos
+
+    def block_top_k(params, data, key, init_vectors):
+        """Top-k by the block solver; the start block is the previous V_k plus random rows."""
+        P = init_vectors.shape[1]
+        random_rows = jax.random.normal(key, (block_size, P), init_vectors.dtype)
+        is_warm = jnp.any(init_vectors != 0)
+        start = random_rows.at[:k].set(jnp.where(is_warm, init_vectors, random_rows[:k]))
+        block_hessian = flat_block_matvec(objective.block_hvp_fn, params, data)
+        return curvature.block_top_k(block_hessian, start, k, num_blocks, tol=tol)
 
     def top_k(matvec, v0, init_vectors=None):
         return curvature.lanczos_top_k(matvec, v0, k, num_iters, tol=tol,
@@ -42,7 +55,12 @@ def make_tracker(objective: Objective, *, k: int, num_iters: int, tol: Optional[
         loss_after = lambda step: objective.loss_fn(unravel(theta - lr * step), data) - loss
         v0 = jax.random.normal(key, g.shape, g.dtype)
         hessian = flat_matvec(objective.hvp_fn, params, data)
-        result = top_k(hessian, v0, init_vectors)
+        if tracker == "block":
+            result = block_top_k(params, data, key, init_vectors)
+            block_products = result.num_matvecs // block_size
+        else:
+            result = top_k(hessian, v0, init_vectors)
+            block_products = None
         V = result.eigenvectors
         g_sq = jnp.vdot(g, g)
         g_top_sq = jnp.sum(jnp.square(V @ g))
@@ -58,6 +76,8 @@ def make_tracker(objective: Objective, *, k: int, num_iters: int, tol: Optional[
             "delta_loss_top": loss_after(subspace.project_onto(g, V)),
             "delta_loss_bulk": loss_after(subspace.project_out(g, V)),
         }
+        if tracker == "block":
+            row["num_block_products"] = block_products
         if track_gn:
             gauss_newton = flat_matvec(objective.gnvp_fn, params, data)
             residual = lambda v: hessian(v) - gauss_newton(v)

@@ -6,6 +6,8 @@ Public API (a promise to users; keep these names and signatures):
     gnvp(model_fn, output_loss_fn, params, v)      Gauss–Newton-vector product
     lanczos_top_k(matvec, v0, k, num_iters, *, tol=None, init_vectors=None, which="largest")
                                                    top-k eigenpairs (Lanczos, full reorth.)
+    block_top_k(block_matvec, start, k, num_blocks, *, tol=None)
+                                                   top-k eigenpairs from block products (block Davidson)
     slq_density(matvec, v0, key, num_probes, num_iters, grid, sigma)
                                                    spectral density (stochastic Lanczos quadrature)
     hutchinson_trace(matvec, v0, key, num_probes)  trace estimate with its standard error
@@ -21,10 +23,12 @@ Modules (one idea each):
     basis       the Krylov basis buffer and twice-repeated Gram–Schmidt
     ritz        Ritz pairs and residual estimates from the Krylov coefficients
     operators   compiled_call: a solver body and its matvec as one jit program
+    block       block_top_k: warm-started block solver on (b, P) -> (b, P) products
     lanczos     krylov_decomposition, warm_start_vector, lanczos_top_k
     stochastic  slq_density, hutchinson_trace
 """
 
+from lossland.curvature.block import block_top_k
 from lossland.curvature.lanczos import (KrylovState, LanczosResult, krylov_decomposition,
                                         lanczos_top_k, warm_start_vector)
 from lossland.curvature.products import gnvp, hvp
@@ -33,7 +37,7 @@ from lossland.curvature.stochastic import (HutchinsonResult, SLQResult, hutchins
                                            slq_density)
 
 __all__ = [
-    "HutchinsonResult", "KrylovState", "LanczosResult", "SLQResult", "gnvp", "hutchinson_trace",
+    "HutchinsonResult", "KrylovState", "LanczosResult", "SLQResult", "block_top_k", "gnvp", "hutchinson_trace",
     "hvp", "krylov_decomposition", "lanczos_top_k", "ritz_pairs", "ritz_residual_estimates",
     "slq_density", "warm_start_vector",
 ]
