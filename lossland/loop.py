@@ -29,7 +29,9 @@ from lossland import train as train_lib
 from lossland import tracking as tracking_lib
 from lossland.experiment import Experiment
 
-TIMING_KEYS = ("wall_time", "track_time")
+# Keys that measure time, not the trajectory: resumed or resharded records equal the
+# uninterrupted run's in every other key.
+TIMING_KEYS = ("wall_time", "track_time", "tracker_time", "hvp_equivalents")
 DENSITY_PROBES, DENSITY_ITERS = 4, 80  # SLQ snapshot: probes × Lanczos steps each
 
 
@@ -75,6 +77,7 @@ class _Loop:
                             if cfg.optimizer not in train_lib.FULL_BATCH_OPTIMIZERS else None)
         self.base_key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
         self.t0 = time.time() - wall_time_before
+        self.hvp_seconds = None    # one full-batch HVP, timed at the first tracked step
         self.last_row: dict = {}   # the last row written (for the progress line)
         # Where the run stands at the edge of stability (lossland.eos). A function of the
         # tracked ratios alone, so a resumed run rebuilds it from the records it keeps.
@@ -147,7 +150,12 @@ class _Loop:
         # Before the first tracked step eigvecs is all zeros, which lanczos_top_k
         # treats as a cold start; always passing an array keeps one compilation.
         row_arrays, vectors = self.tracker(state.params, data, key, state.eigvecs)
-        row = _tracked_row(row_arrays, cfg.lr)
+        row = _tracked_row(row_arrays, cfg.lr)           # waits for the tracker's result
+        # The tracker's cost in seconds and in single full-batch HVPs (timed once per run).
+        row["tracker_time"] = time.time() - start
+        if self.hvp_seconds is None:
+            self.hvp_seconds = _median_seconds(self.objective.hvp, state.params, state.params)
+        row["hvp_equivalents"] = row["tracker_time"] / self.hvp_seconds
         if not state.has_eigvecs:   # the first tracked step: keep v1 as the probes' control
             state = state.replace(init_v1=vectors[0])
         state = state.replace(eigvecs=vectors, has_eigvecs=True, last_lambda1=row["eigenvalues"][0],
@@ -237,6 +245,17 @@ class _Progress:
         eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
         print(f"step {step}/{self.total}  loss {loss:.5g}  {rate:.1f} steps/s  ETA {eta_text}"
               f"{extra}", file=sys.stderr, flush=True)
+
+
+def _median_seconds(fn, *args, repeats: int = 3) -> float:
+    """Median wall time of fn(*args) after a first (compiling) call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 def _scalars(metrics) -> dict:

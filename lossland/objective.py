@@ -142,15 +142,13 @@ def full_batch_hvp(apply_fn, per_example_loss, params, v, data: ChunkedData):
 def full_batch_block_hvp(apply_fn, per_example_loss, params, vectors, data: ChunkedData):
     """H V for a block of b tangents (a params pytree whose leaves lead with b), in one data pass.
 
-    Per chunk, the gradient is linearized once (`jax.linearize`: the forward
-    and reverse passes at θ are shared) and the linear map is `vmap`ped over
-    the b tangents, so the products inside it are matrix–matrix. Equals b
-    calls of `full_batch_hvp` up to rounding.
+    Per chunk, `curvature.block_hvp` linearizes the gradient once (the forward
+    and reverse passes at θ are shared by the block) and applies it to each
+    tangent. Equals b calls of `full_batch_hvp` up to rounding.
     """
     def chunk_fn(x, y, mask):
         chunk_loss = lambda p: masked_loss_sum(apply_fn, per_example_loss, p, x, y, mask)[0]
-        _, hessian_of = jax.linearize(jax.grad(chunk_loss), params)
-        return jax.vmap(hessian_of)(vectors)
+        return curvature.block_hvp(chunk_loss, params, vectors)
     return _scale(reduce_chunks(chunk_fn, data), 1.0 / data.n)
 
 
@@ -160,6 +158,15 @@ def full_batch_gnvp(apply_fn, per_example_loss, params, v, data: ChunkedData):
         model_fn = lambda p: apply_fn(p, x)
         output_loss = lambda z: jnp.sum(mask * per_example_loss(z, y))
         return curvature.gnvp(model_fn, output_loss, params, v)
+    return _scale(reduce_chunks(chunk_fn, data), 1.0 / data.n)
+
+
+def full_batch_block_gnvp(apply_fn, per_example_loss, params, vectors, data: ChunkedData):
+    """G V for a block of b tangents (leading axis b), chunked like `full_batch_block_hvp`."""
+    def chunk_fn(x, y, mask):
+        model_fn = lambda p: apply_fn(p, x)
+        output_loss = lambda z: jnp.sum(mask * per_example_loss(z, y))
+        return curvature.block_gnvp(model_fn, output_loss, params, vectors)
     return _scale(reduce_chunks(chunk_fn, data), 1.0 / data.n)
 
 
@@ -181,6 +188,7 @@ class Objective:
         self._hvp = bind(full_batch_hvp)
         self._gnvp = bind(full_batch_gnvp)
         self._block_hvp = bind(full_batch_block_hvp)
+        self._block_gnvp = bind(full_batch_block_gnvp)
 
     @property
     def n(self) -> int:
@@ -208,6 +216,10 @@ class Objective:
         """H V for a pytree of b tangents stacked on a leading axis."""
         return self._block_hvp(params, vectors, self.data)
 
+    def block_gnvp(self, params, vectors):
+        """G V for a pytree of b tangents stacked on a leading axis."""
+        return self._block_gnvp(params, vectors, self.data)
+
     # Unjitted pure forms, for use inside a caller's own jit (e.g. Lanczos
     # tracking), where `data` is an argument of that outer jit.
     def hvp_fn(self, params, v, data):
@@ -218,6 +230,9 @@ class Objective:
 
     def gnvp_fn(self, params, v, data):
         return full_batch_gnvp(self.apply_fn, self.per_example_loss, params, v, data)
+
+    def block_gnvp_fn(self, params, vectors, data):
+        return full_batch_block_gnvp(self.apply_fn, self.per_example_loss, params, vectors, data)
 
     def loss_accuracy_grad_fn(self, params, data):
         return loss_accuracy_grad(self.apply_fn, self.per_example_loss, params, data)

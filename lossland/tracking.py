@@ -35,12 +35,12 @@ def make_tracker(objective: Objective, *, k: int, num_iters: int, tol: Optional[
     block_size = block_size or k + 2
     num_blocks = -(-num_iters // block_size)     # about the same matvec budget as Lanczos
 
-    def block_top_k(params, data, key, init_vectors):
+    def block_top_k(params, data, key, init_vectors, P, dtype):
         """Top-k by the block solver; the start block is the previous V_k plus random rows."""
-        P = init_vectors.shape[1]
-        random_rows = jax.random.normal(key, (block_size, P), init_vectors.dtype)
-        is_warm = jnp.any(init_vectors != 0)
-        start = random_rows.at[:k].set(jnp.where(is_warm, init_vectors, random_rows[:k]))
+        start = jax.random.normal(key, (block_size, P), dtype)
+        if init_vectors is not None:
+            is_warm = jnp.any(init_vectors != 0)
+            start = start.at[:k].set(jnp.where(is_warm, init_vectors, start[:k]))
         block_hessian = flat_block_matvec(objective.block_hvp_fn, params, data)
         return curvature.block_top_k(block_hessian, start, k, num_blocks, tol=tol)
 
@@ -56,7 +56,7 @@ def make_tracker(objective: Objective, *, k: int, num_iters: int, tol: Optional[
         v0 = jax.random.normal(key, g.shape, g.dtype)
         hessian = flat_matvec(objective.hvp_fn, params, data)
         if tracker == "block":
-            result = block_top_k(params, data, key, init_vectors)
+            result = block_top_k(params, data, key, init_vectors, g.shape[0], g.dtype)
             block_products = result.num_matvecs // block_size
         else:
             result = top_k(hessian, v0, init_vectors)

@@ -13,7 +13,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from lossland import objective
-from lossland.curvature import block_top_k
+from lossland.curvature import block_hvp, block_top_k
 from test_curvature import PROBLEMS, get_problem
 
 
@@ -49,6 +49,37 @@ def test_block_hvp_equals_single_hvps_and_dense_hessian(problem_key, dtype):
         scale = np.max(np.abs(want))
         assert np.max(np.abs(got - want)) <= rtol * scale, chunk_size
         assert np.max(np.abs(got - singles)) <= rtol * scale, chunk_size
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("loss_name", ["mse", "cross_entropy"])
+def test_block_gnvp_equals_single_gnvps(loss_name, dtype):
+    problem = get_problem("mlp", "tanh", loss_name, dtype)
+    V = np.random.default_rng(2).normal(size=(4, problem.P))
+    rtol = 1e-10 if dtype == "float64" else 2e-4
+    for chunk_size in (1000, 5):
+        obj = _objective(problem, chunk_size)
+        block = jax.jit(objective.flat_block_matvec(obj.block_gnvp_fn, problem.params, obj.data))
+        got = np.asarray(block(jnp.asarray(V, problem.dtype)))
+        singles = np.stack([ravel_pytree(obj.gnvp(problem.params, problem.unravel(
+            jnp.asarray(v, problem.dtype))))[0] for v in V])
+        assert np.max(np.abs(got - singles)) <= rtol * np.max(np.abs(singles)), chunk_size
+    # G is a genuine part of H: the block GNVP is not the block HVP.
+    hessian_block = np.asarray(_flat_block(obj, problem.params)(jnp.asarray(V, problem.dtype)))
+    assert np.max(np.abs(got - hessian_block)) > 1e2 * rtol * np.max(np.abs(singles))
+
+
+@pytest.mark.parametrize("batching", ["vmap", "map"])
+def test_block_hvp_batchings_agree(batching):
+    problem = get_problem("mlp", "relu", "cross_entropy", "float64")
+    V = jax.vmap(problem.unravel)(jnp.asarray(np.random.default_rng(3).normal(
+        size=(3, problem.P))))
+    got = jax.vmap(lambda t: ravel_pytree(t)[0])(
+        block_hvp(problem.loss, problem.params, V, batching=batching))
+    want = problem.dense_hessian() @ np.asarray(jax.vmap(lambda t: ravel_pytree(t)[0])(V)).T
+    np.testing.assert_allclose(np.asarray(got), want.T, rtol=0, atol=1e-10 * np.max(np.abs(want)))
+    with pytest.raises(ValueError, match="batching='scan'"):
+        block_hvp(problem.loss, problem.params, V, batching="scan")
 
 
 def _dense_block(H, dtype):

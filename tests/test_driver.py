@@ -16,7 +16,7 @@ from lossland import records, runner
 FAST = ["--n_train=64", "--width=16", "--depth=1", "--log_every=1"]
 ROW_KEYS = {"step", "loss", "accuracy", "grad_norm", "param_norm", "update_norm", "lr", "wall_time"}
 TRACK_KEYS = {"eigenvalues", "residuals", "stability_ratio", "chi_1", "chi_k", "grad_norm_top",
-              "grad_norm_bulk", "num_matvecs", "track_time"}
+              "grad_norm_bulk", "num_matvecs", "track_time", "tracker_time", "hvp_equivalents"}
 
 
 def _finite(value):
@@ -61,6 +61,28 @@ def test_tracked_rows_have_every_key(tmp_path):
     assert (workdir / "plots" / "sharpness.png").exists()
 
 
+def test_block_tracker_every_step_agrees_with_lanczos(tmp_path):
+    """--tracker=block at --track_every=1: the same eigenvalues as Lanczos, and its cost."""
+    common = [*FAST, "--steps=5", "--track_every=1", "--track_k=3", "--lanczos_iters=120",
+              "--lanczos_tol=1e-4"]
+    runs = {}
+    for tracker in ("lanczos", "block"):
+        workdir = tmp_path / tracker
+        result = run_module("experiments.train", *common, f"--tracker={tracker}",
+                            f"--workdir={workdir}")
+        assert result.returncode == 0, result.stderr
+        runs[tracker] = [r for r in records.read_metrics(workdir) if "eigenvalues" in r]
+    assert [r["step"] for r in runs["block"]] == list(range(6))
+    for lanczos_row, block_row in zip(runs["lanczos"], runs["block"]):
+        np.testing.assert_allclose(block_row["eigenvalues"], lanczos_row["eigenvalues"],
+                                   rtol=1e-3)
+        assert block_row["num_matvecs"] == 5 * block_row["num_block_products"]  # b = k + 2
+        assert block_row["hvp_equivalents"] > 0 and block_row["tracker_time"] > 0
+    # Warm starts: after the first step, no more block products than the cold first one.
+    assert max(r["num_block_products"] for r in runs["block"][1:]) <= \
+        runs["block"][0]["num_block_products"]
+
+
 BAD_FLAGS = [
     ("--dataset=imagenet", "dataset"),
     ("--model=transformer", "model"),
@@ -75,6 +97,8 @@ BAD_FLAGS = [
     ("--chunk_size=0", "chunk_size"),
     ("--dtype=float16", "dtype"),
     ("--matmul_precision=tf32", "matmul_precision"),
+    ("--tracker=power", "tracker"),
+    ("--track_block_size=2", "track_block_size"),
 ]
 
 

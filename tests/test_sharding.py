@@ -78,6 +78,10 @@ def _compute(out_path: str, mesh_sizes: str = "0", dtypes: str = "float32,float6
             out["loss"], out["accuracy"], out["grad"] = obj.loss_accuracy_grad(params)
             out["hvp"] = obj.hvp(params, v)
             out["gnvp"] = obj.gnvp(params, v)
+            # Block products (3 tangents: v, 2v − 1, v²) in one data pass.
+            block = jax.tree_util.tree_map(lambda t: jnp.stack([t, 2 * t - 1, t * t]), v)
+            out["block_hvp"] = obj.block_hvp(params, block)
+            out["block_gnvp"] = obj.block_gnvp(params, block)
             # The two-step placement (chunk on one device, then shard) gives the same loss.
             two_step = sharding.shard_data(objective.chunk_data(
                 x, y, CHUNK, multiple_of=sharding.mesh_size(mesh), dtype=dtype), mesh)
@@ -112,6 +116,10 @@ def _compute(out_path: str, mesh_sizes: str = "0", dtypes: str = "float32,float6
                     out["lanczos_" + name] = row[name]
                 # ΔL is a difference of two close losses: compare L + ΔL, on the loss's scale.
                 out["lanczos_loss_after_top"] = row["delta_loss_top"] + out["loss"]
+                block_tracker = tracking.make_tracker(obj, k=3, num_iters=30, tol=None,
+                                                      track_gn=False, lr=0.1, tracker="block")
+                row, _ = block_tracker(params, full, jax.random.key(3), None)
+                out["block_eigenvalues"] = row["eigenvalues"]
             for name, value in out.items():
                 flat = [np.ravel(leaf) for leaf in jax.tree_util.tree_leaves(
                     sharding.to_host(value))]
@@ -209,8 +217,9 @@ def test_two_processes_equal_one_device(kernel_runs):
 
 
 def _records(workdir: Path) -> list[dict]:
+    from lossland.loop import TIMING_KEYS
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k not in ("wall_time", "track_time")}
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS}
             for row in rows]
 
 

@@ -4,6 +4,7 @@ Public API (a promise to users; keep these names and signatures):
 
     hvp(loss_fn, params, v)                        Hessian-vector product
     gnvp(model_fn, output_loss_fn, params, v)      Gauss–Newton-vector product
+    block_hvp(loss_fn, params, V), block_gnvp(...)  the same for b tangents stacked on axis 0
     lanczos_top_k(matvec, v0, k, num_iters, *, tol=None, init_vectors=None, which="largest")
                                                    top-k eigenpairs (Lanczos, full reorth.)
     block_top_k(block_matvec, start, k, num_blocks, *, tol=None)
@@ -15,11 +16,13 @@ Public API (a promise to users; keep these names and signatures):
 Matvecs act on flat (P,) vectors; `lossland.objective.flat_matvec` wraps a
 pytree product such as `Objective.hvp_fn` into one.
 
-Full-batch chunked forms of hvp and gnvp live in `lossland.objective`
-(`full_batch_hvp`, `full_batch_gnvp`, `Objective.hvp`, `Objective.gnvp`).
+Full-batch chunked forms of the products live in `lossland.objective`
+(`full_batch_hvp`, `full_batch_gnvp`, `full_batch_block_hvp`, `full_batch_block_gnvp`
+and the `Objective` methods of the same names); `flat_block_matvec` wraps a block
+product into the (b, P) -> (b, P) form that `block_top_k` takes.
 
 Modules (one idea each):
-    products    hvp, gnvp: one product with one vector
+    products    hvp, gnvp with one vector; block_hvp, block_gnvp with b vectors
     basis       the Krylov basis buffer and twice-repeated Gram–Schmidt
     ritz        Ritz pairs and residual estimates from the Krylov coefficients
     operators   compiled_call: a solver body and its matvec as one jit program
@@ -31,13 +34,13 @@ Modules (one idea each):
 from lossland.curvature.block import block_top_k
 from lossland.curvature.lanczos import (KrylovState, LanczosResult, krylov_decomposition,
                                         lanczos_top_k, warm_start_vector)
-from lossland.curvature.products import gnvp, hvp
+from lossland.curvature.products import block_gnvp, block_hvp, gnvp, hvp
 from lossland.curvature.ritz import ritz_pairs, ritz_residual_estimates
 from lossland.curvature.stochastic import (HutchinsonResult, SLQResult, hutchinson_trace,
                                            slq_density)
 
 __all__ = [
-    "HutchinsonResult", "KrylovState", "LanczosResult", "SLQResult", "block_top_k", "gnvp", "hutchinson_trace",
-    "hvp", "krylov_decomposition", "lanczos_top_k", "ritz_pairs", "ritz_residual_estimates",
-    "slq_density", "warm_start_vector",
+    "HutchinsonResult", "KrylovState", "LanczosResult", "SLQResult", "block_gnvp", "block_hvp",
+    "block_top_k", "gnvp", "hutchinson_trace", "hvp", "krylov_decomposition", "lanczos_top_k",
+    "ritz_pairs", "ritz_residual_estimates", "slq_density", "warm_start_vector",
 ]

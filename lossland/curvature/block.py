@@ -6,7 +6,9 @@ costs much less than b single products. It must not call single-vector matvecs.
 
 The method. The search basis Q grows by one block of b orthonormal rows per
 iteration; H Q is stored beside it, so the Rayleigh quotient T = Q (H Q)ᵀ and
-the residuals need no extra products. After each block the Rayleigh–Ritz step
+the residuals need no extra products. T grows by the new block's b columns
+(and, by symmetry, rows) per iteration, so the dense work per block is a few
+(b × S) × (S × P) products, S the basis capacity, not S². After each block the Rayleigh–Ritz step
 (eigh of T) gives Ritz pairs (θ_i, u_i); the next block is the residuals
 r_i = H u_i − θ_i u_i of the top b Ritz pairs, orthogonalized against Q
 (block Davidson with the identity preconditioner: the same space as block
@@ -84,37 +86,40 @@ def block_top_k(block_matvec: Callable[[jax.Array], jax.Array], start: jax.Array
     dtype = start.dtype
     tol_value = -1.0 if tol is None else float(tol)
 
-    def rayleigh_ritz(Q, HQ, used_rows):
+    def rayleigh_ritz(T, used_rows):
+        """Top-b Ritz values (descending) and their coefficient vectors Y (S, b)."""
         used = jnp.arange(S) < used_rows
-        T = dot(Q, HQ.T)
-        T = 0.5 * (T + T.T)
-        T = jnp.where(used[:, None] & used[None, :], T, 0.0)
+        T = jnp.where(used[:, None] & used[None, :], 0.5 * (T + T.T), 0.0)
         # Unused rows get a value below every Ritz value, so they sort last.
         floor = -2.0 * (jnp.max(jnp.abs(T)) + 1.0)
-        T = T + jnp.diag(jnp.where(used, 0.0, floor))
-        theta, Y = jnp.linalg.eigh(T)
-        theta, Y = theta[::-1][:b], Y[:, ::-1][:, :b]      # top b, descending
-        U, HU = dot(Y.T, Q), dot(Y.T, HQ)
-        R = HU - theta[:, None] * U
-        return theta, U, R, jnp.linalg.norm(R, axis=1)
+        theta, Y = jnp.linalg.eigh(T + jnp.diag(jnp.where(used, 0.0, floor)))
+        return theta[::-1][:b], Y[:, ::-1][:, :b]
 
     def cond(state):
-        j, converged = state[2], state[3]
+        j, converged = state[3], state[4]
         return (j < num_blocks) & ~converged
 
     def body(state):
-        Q, HQ, j, _, X, _, _, _ = state
+        Q, HQ, T, j, _, X, _, _, _ = state
         X = _orthonormalize_block(X, Q, j)
         HX = block_matvec(X)
         Q = lax.dynamic_update_slice(Q, X, (j * b, jnp.int32(0)))
         HQ = lax.dynamic_update_slice(HQ, HX, (j * b, jnp.int32(0)))
-        theta, U, R, res = rayleigh_ritz(Q, HQ, (j + 1) * b)
+        # T = Q (HQ)ᵀ grows by the new block's columns and rows only: Q HXᵀ (S, b);
+        # rows of Q not yet filled are zero, so their entries are too.
+        new_columns = dot(Q, HX.T)
+        T = lax.dynamic_update_slice(T, new_columns, (jnp.int32(0), j * b))
+        T = lax.dynamic_update_slice(T, new_columns.T, (j * b, jnp.int32(0)))
+        theta, Y = rayleigh_ritz(T, (j + 1) * b)
+        U, HU = dot(Y.T, Q), dot(Y.T, HQ)
+        R = HU - theta[:, None] * U              # residuals: the next block's directions
+        res = jnp.linalg.norm(R, axis=1)
         converged = jnp.all(res[:k] <= tol_value * jnp.abs(theta[:k]))
-        return Q, HQ, j + 1, converged, R, theta, U, res
+        return Q, HQ, T, j + 1, converged, R, theta, U, res
 
     zeros = jnp.zeros((S, P), dtype)
-    init = (zeros, zeros, jnp.int32(0), jnp.asarray(False), start,
+    init = (zeros, zeros, jnp.zeros((S, S), dtype), jnp.int32(0), jnp.asarray(False), start,
             jnp.zeros((b,), dtype), jnp.zeros((b, P), dtype), jnp.zeros((b,), dtype))
-    _, _, blocks_done, _, _, theta, U, res = lax.while_loop(cond, body, init)
+    _, _, _, blocks_done, _, _, theta, U, res = lax.while_loop(cond, body, init)
     return LanczosResult(eigenvalues=theta[:k], eigenvectors=U[:k], residuals=res[:k],
                          num_matvecs=blocks_done * b)

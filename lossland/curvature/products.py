@@ -1,8 +1,10 @@
-"""Curvature products on pytrees: H v and the Gauss–Newton product G v.
+"""Curvature products on pytrees: H v and the Gauss–Newton product G v, one vector or a block.
 
 Owns the per-batch products of the Hessian and of its Gauss–Newton part with
-one vector. It knows nothing of chunks, devices or eigensolvers: the chunked
-full-batch forms live in `lossland.objective`, the solvers in `lanczos`.
+one vector (`hvp`, `gnvp`) or with a block of b vectors (`block_hvp`,
+`block_gnvp`: the forward and reverse passes at θ are shared by the block).
+It knows nothing of chunks, devices or eigensolvers: the chunked full-batch
+forms live in `lossland.objective`, the solvers in `lanczos` and `block`.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+from jax import lax
 
 PyTree = Any
+BLOCK_BATCHING = ("auto", "vmap", "map")
 
 
 def hvp(loss_fn: Callable[[PyTree], jax.Array], params: PyTree, v: PyTree) -> PyTree:
@@ -51,3 +55,46 @@ def gnvp(model_fn: Callable[[PyTree], jax.Array], output_loss_fn: Callable[[jax.
     h_out_jv = jax.jvp(jax.grad(output_loss_fn), (z,), (jv,))[1]   # H_out (J v)
     _, vjp_fn = jax.vjp(model_fn, params)
     return vjp_fn(h_out_jv)[0]                            # Jᵀ (H_out J v)
+
+
+def _over_block(linear_fn: Callable[[PyTree], PyTree], V: PyTree, batching: str) -> PyTree:
+    """linear_fn applied to each of the b tangents stacked on V's leading axis.
+
+    "vmap" turns the products inside linear_fn into batched matrix products;
+    "map" runs them one tangent after another (`lax.map`) inside the same
+    program. Measured on a 2-core CPU (Fashion-MNIST MLP 784-512-512-10,
+    n=1000, b=10, 2026-12-06): vmap cost 12× one HVP, map 7×, because
+    XLA:CPU lays the batched products out poorly while each single product is
+    already a matrix–matrix product over the examples. "auto" picks map on the
+    CPU and vmap on accelerators, where batching amortizes per-kernel cost.
+    """
+    if batching not in BLOCK_BATCHING:
+        raise ValueError(f"batching={batching!r}; choose one of {BLOCK_BATCHING}.")
+    if batching == "auto":
+        batching = "map" if jax.default_backend() == "cpu" else "vmap"
+    return jax.vmap(linear_fn)(V) if batching == "vmap" else lax.map(linear_fn, V)
+
+
+def block_hvp(loss_fn: Callable[[PyTree], jax.Array], params: PyTree, V: PyTree, *,
+              batching: str = "auto") -> PyTree:
+    """H v_i for a block of b tangents: V's leaves carry a leading axis of size b.
+
+    The gradient is linearized once at params (`jax.linearize`), so the
+    forward and reverse passes at θ are shared by the whole block; only the
+    tangent passes run b times. Equals b calls of `hvp` up to rounding.
+    """
+    _, hessian_times = jax.linearize(jax.grad(loss_fn), params)
+    return _over_block(hessian_times, V, batching)
+
+
+def block_gnvp(model_fn: Callable[[PyTree], jax.Array],
+               output_loss_fn: Callable[[jax.Array], jax.Array], params: PyTree, V: PyTree, *,
+               batching: str = "auto") -> PyTree:
+    """G v_i = Jᵀ H_out J v_i for a block of b tangents (leading axis b), as `gnvp` does one.
+
+    J's forward pass, the vjp's residuals and H_out are formed once at params.
+    """
+    z, jacobian_times = jax.linearize(model_fn, params)
+    _, output_hessian_times = jax.linearize(jax.grad(output_loss_fn), z)
+    _, vjp_fn = jax.vjp(model_fn, params)
+    return _over_block(lambda v: vjp_fn(output_hessian_times(jacobian_times(v)))[0], V, batching)
