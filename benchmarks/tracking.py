@@ -62,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=0.05, help="GD learning rate.")
     p.add_argument("--lobpcg_iters", type=int, default=4, help="LOBPCG iterations per step.")
     p.add_argument("--chunk_size", type=int, default=1000)
+    p.add_argument("--data_dir", default=None, help="Fashion-MNIST files (default: the "
+                   "Debian package's folder).")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--contenders", default=",".join(CONTENDERS))
     p.add_argument("--out", default="runs/bench/tracking.json", help="JSON output path.")
@@ -92,7 +94,7 @@ def median_seconds(fn, *args, reps=5):
 def build(args, dtype=jnp.float32):
     """The workload's data, model and objective, and the dataset actually used."""
     try:
-        x, y = data.load("fashion_mnist", args.n, args.seed)
+        x, y = data.load("fashion_mnist", args.n, args.seed, data_dir=args.data_dir)
         x = x.reshape(x.shape[0], -1)
         dataset = "fashion_mnist"
     except Exception as error:        # absent files: a stand-in of the same shape
@@ -128,17 +130,17 @@ class Kernels:
                                            init_vectors=init)
         self.lanczos = jax.jit(lanczos, static_argnames=("tol", "num_iters"))
 
-        def block_solve(theta, start, tol=tol):
-            return curvature.block_top_k(lambda V: block(theta, V), start, k,
-                                         -(-80 // b), tol=tol)
-        self.block_solve = jax.jit(block_solve, static_argnames=("tol",))
+        def block_solve(theta, start, tol=tol, num_blocks=-(-80 // b)):
+            return curvature.block_top_k(lambda V: block(theta, V), start, k, num_blocks,
+                                         tol=tol)
+        self.block_solve = jax.jit(block_solve, static_argnames=("tol", "num_blocks"))
 
-        def lobpcg(theta, X):
+        def lobpcg(theta, X, m, tol):
             from jax.experimental.sparse.linalg import lobpcg_standard
             matmat = lambda X_cols: block(theta, X_cols.T).T
-            theta_values, U, iters = lobpcg_standard(matmat, X.T, m=args.lobpcg_iters)
+            theta_values, U, iters = lobpcg_standard(matmat, X.T, m=m, tol=tol)
             return theta_values, U.T, iters
-        self.lobpcg = jax.jit(lobpcg)
+        self.lobpcg = jax.jit(lobpcg, static_argnames=("m", "tol"))
 
 
 def eigsh_solve(kern, theta, v0, k, tol):
@@ -159,7 +161,12 @@ def eigsh_solve(kern, theta, v0, k, tol):
 
 
 def solve(name, kern, theta, state, args, key, tol):
-    """One tracked solve: (eigenvalues, eigenvectors, matvecs); `state` is the last vectors."""
+    """One solve: (eigenvalues, eigenvectors, matvecs); `state` is the last vectors.
+
+    A cold solve (state None) gets the budget to converge: 80 Lanczos steps,
+    ⌈240/b⌉ blocks, 100 LOBPCG iterations. A warm one is a tracked step:
+    ⌈80/b⌉ blocks, --lobpcg_iters LOBPCG iterations.
+    """
     P = theta.shape[0]
     v0 = jax.random.normal(key, (P,), theta.dtype)
     rows = jax.random.normal(key, (args.block_size, P), theta.dtype)
@@ -170,14 +177,15 @@ def solve(name, kern, theta, state, args, key, tol):
         return r.eigenvalues, r.eigenvectors, int(r.num_matvecs)
     if name == "block":
         start = rows.at[:args.k].set(state) if warm else rows
-        r = kern.block_solve(theta, start, tol=tol)
+        r = kern.block_solve(theta, start, tol=tol,
+                             num_blocks=-(-(80 if warm else 240) // args.block_size))
         return r.eigenvalues, r.eigenvectors, int(r.num_matvecs)
     if name == "eigsh":
         w, U, count = eigsh_solve(kern, theta, state[0] if warm else v0, args.k, tol)
         return jnp.asarray(w), jnp.asarray(U), count
     if name == "lobpcg":
-        X = rows[:args.k].at[:].set(state) if warm else rows[:args.k]
-        w, U, iters = kern.lobpcg(theta, X)
+        X = state if warm else rows[:args.k]
+        w, U, iters = kern.lobpcg(theta, X, args.lobpcg_iters if warm else 100, tol)
         return w, U, int(iters) * args.k
     raise ValueError(name)
 
@@ -189,9 +197,11 @@ def reference_top_k(obj, params, args):
         theta, unravel = ravel_pytree(p64)
         data64 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64)
                                         if a.dtype == jnp.float32 else a, obj.data)
-        hvp = lambda v: ravel_pytree(obj.hvp_fn(p64, unravel(v), data64))[0]
+        def top(p64, data64, v0):      # params and data as arguments: no constant folding
+            hvp = lambda v: ravel_pytree(obj.hvp_fn(p64, unravel(v), data64))[0]
+            return curvature.lanczos_top_k(hvp, v0, args.k, 200, tol=1e-6)
         v0 = jax.random.normal(jax.random.key(123), theta.shape, jnp.float64)
-        r = jax.jit(lambda v: curvature.lanczos_top_k(hvp, v, args.k, 200, tol=1e-6))(v0)
+        r = jax.jit(top)(p64, data64, v0)
         return np.asarray(r.eigenvalues, np.float64), float(jnp.max(r.residuals
                                                                    / jnp.abs(r.eigenvalues)))
 

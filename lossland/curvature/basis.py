@@ -79,15 +79,23 @@ def cgs2(blocks, w, n):
 
 
 def write_row(blocks, v, i):
-    """Stores v as basis row i."""
+    """Stores v as basis row i (0 ≤ i < rows), in place.
+
+    No `lax.cond` returns a block: inside the Lanczos `while_loop` a
+    conditional that outputs the basis makes XLA copy it every step, which on
+    a large model cost more than the matvec. Every block instead gets an
+    in-place row update that rewrites its own row unchanged unless it holds i.
+    """
     if len(blocks) == 1:
         return (lax.dynamic_update_index_in_dim(blocks[0], v, i, 0),)
     bs = blocks[0].shape[0]
     block, row = i // bs, i % bs
-    return tuple(lax.cond(block == b,
-                          lambda blk: lax.dynamic_update_index_in_dim(blk, v, row, 0),
-                          lambda blk: blk, blk)
-                 for b, blk in enumerate(blocks))
+    out = []
+    for b, blk in enumerate(blocks):
+        current = lax.dynamic_index_in_dim(blk, row, 0, keepdims=False)
+        out.append(lax.dynamic_update_index_in_dim(blk, jnp.where(block == b, v, current),
+                                                   row, 0))
+    return tuple(out)
 
 
 def read_row(blocks, i):
@@ -111,9 +119,16 @@ def combine(blocks, Y):
 
 
 def append_row(blocks, n, v, norm, ok):
-    """Stores v/norm as row n when ok; returns (blocks, n')."""
+    """Stores v/norm as row n when ok (and a row is free); returns (blocks, n').
+
+    Unconditional in form (see `write_row`): when not ok, row n is rewritten
+    with its own (unused, zero) contents.
+    """
+    rows = blocks[0].shape[0] * len(blocks)
+    ok = ok & (n < rows)
+    index = jnp.minimum(n, rows - 1)
     safe = jnp.where(ok, norm, 1.0)
-    blocks = lax.cond(ok, lambda bl: write_row(bl, v / safe, n), lambda bl: bl, blocks)
+    blocks = write_row(blocks, jnp.where(ok, v / safe, read_row(blocks, index)), index)
     return blocks, n + ok.astype(n.dtype)
 
 

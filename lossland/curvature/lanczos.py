@@ -90,39 +90,49 @@ def krylov_decomposition(matvec: Callable[[jax.Array], jax.Array], start: jax.Ar
     eps = basis.eps(dtype)
     reserve = None if reserve is None else jnp.asarray(reserve, dtype).reshape(P)
 
-    def try_vector(blocks, n, r):
+    def candidate(blocks, n, r):
+        """r orthogonalized twice against the basis: (remainder, its norm, accepted)."""
         _, r2, n1, n2 = basis.cgs2(blocks, r, n)
-        ok = basis.accept(jnp.linalg.norm(r), n1, n2, 1e2 * eps * jnp.linalg.norm(r))
-        blocks, n = basis.append_row(blocks, n, r2, n2, ok)
-        return blocks, n, ok
+        return r2, n2, basis.accept(jnp.linalg.norm(r), n1, n2, 1e2 * eps * jnp.linalg.norm(r))
 
-    def fresh_vector(blocks, n, reserve_used, salt):
-        """Appends `reserve` (if unused) or else a random vector, orthogonalized.
+    def fresh_candidate(blocks, n, reserve_used, salt):
+        """A fresh direction: `reserve` (if unused), else a pseudo-random vector.
 
-        Returns (blocks, n, reserve_used, ok); ok is False only when the basis
-        already spans the whole space.
+        Returns (remainder, norm, ok, reserve_used); ok is False only when the
+        basis already spans the whole space. The conditionals return vectors,
+        never the basis (see `basis.write_row`).
         """
-        def random_vector(blocks, n):
-            return try_vector(blocks, n, basis.hash_vector(P, salt, dtype))
+        def random_candidate(blocks, n):
+            return candidate(blocks, n, basis.hash_vector(P, salt, dtype))
 
         if reserve is None:
-            blocks, n, ok = random_vector(blocks, n)
-            return blocks, n, reserve_used, ok
+            return (*random_candidate(blocks, n), reserve_used)
 
         def reserve_then_random(blocks, n):
-            blocks, n, ok = try_vector(blocks, n, reserve)
-            return lax.cond(ok, lambda b, n: (b, n, ok), random_vector, blocks, n)
+            r2, n2, ok = candidate(blocks, n, reserve)
+            return lax.cond(ok, lambda b, n: (r2, n2, ok), random_candidate, blocks, n)
 
-        blocks, n, ok = lax.cond(reserve_used, random_vector, reserve_then_random, blocks, n)
-        return blocks, n, jnp.bool_(True), ok
+        r2, n2, ok = lax.cond(reserve_used, random_candidate, reserve_then_random, blocks, n)
+        return r2, n2, ok, jnp.bool_(True)
+
+    def no_candidate(blocks, n, reserve_used):
+        zero = jnp.zeros((P,), dtype)
+        return zero, jnp.zeros((), dtype), jnp.bool_(True), reserve_used
+
+    def append_fresh(blocks, n, reserve_used, need, salt):
+        """When `need`, appends a fresh direction; returns (blocks, n, reserve_used, ok)."""
+        r2, n2, ok, reserve_used = lax.cond(
+            need, lambda b, n, u: fresh_candidate(b, n, u, salt), no_candidate,
+            blocks, n, reserve_used)
+        blocks, n = basis.append_row(blocks, n, r2, n2, need & ok)
+        return blocks, n, reserve_used, ok
 
     blocks = tuple(jnp.zeros((block, P), dtype) for _ in range(num_blocks))
-    blocks, n_basis, _ = try_vector(blocks, jnp.int32(0), start)
-    reserve_used = jnp.bool_(reserve is None)
+    r2, n2, ok = candidate(blocks, jnp.int32(0), start)
+    blocks, n_basis = basis.append_row(blocks, jnp.int32(0), r2, n2, ok)
     # A degenerate start (e.g. zero): begin from a fresh direction instead.
-    blocks, n_basis, reserve_used = lax.cond(
-        n_basis == 0, lambda b, n, u: fresh_vector(b, n, u, 2**31 - 1)[:3],
-        lambda b, n, u: (b, n, u), blocks, n_basis, reserve_used)
+    blocks, n_basis, reserve_used, _ = append_fresh(blocks, n_basis, jnp.bool_(reserve is None),
+                                                    n_basis == 0, 2**31 - 1)
 
     state = KrylovState(
         blocks=blocks, T=jnp.zeros((S, S), dtype), steps=jnp.int32(0), n_basis=n_basis,
@@ -145,10 +155,9 @@ def krylov_decomposition(matvec: Callable[[jax.Array], jax.Array], start: jax.Ar
         reserve_used, exhausted = s.reserve_used, s.exhausted
         if restart:
             need = n_basis == j + 1          # breakdown with nothing left to process
-            blocks, n_basis, reserve_used, ok_r = lax.cond(
-                need, lambda b, n, u: fresh_vector(b, n, u, j),
-                lambda b, n, u: (b, n, u, jnp.bool_(True)), blocks, n_basis, reserve_used)
-            exhausted = ~ok_r
+            blocks, n_basis, reserve_used, ok_r = append_fresh(blocks, n_basis, reserve_used,
+                                                               need, j)
+            exhausted = need & ~ok_r
         steps = j + 1
         converged = s.converged
         if tol is not None:
