@@ -1,0 +1,1 @@
+"""lossland: loss-landscape geometry along training trajectories (see README.md, Architecture)."""
