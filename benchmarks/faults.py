@@ -43,7 +43,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-TIMING_KEYS = ("wall_time", "track_time")   # = lossland.loop.TIMING_KEYS (no JAX import here)
+# = lossland.loop.TIMING_KEYS (no JAX import here; tests/test_faults.py checks they agree)
+TIMING_KEYS = ("wall_time", "track_time", "tracker_time", "hvp_equivalents")
 TMP_DIR_MARK = ".orbax-checkpoint-tmp"      # = lossland.checkpoints.TMP_DIR_MARK
 DRIVER_FLAGS = ("--dataset=mnist1d", "--n_train=300", "--width=64", "--steps=300",
                 "--track_every=10", "--checkpoint_every=50", "--noplots")

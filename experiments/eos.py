@@ -28,7 +28,8 @@ from lossland import cli, config as config_lib, data as data_lib, eos, plots, re
 
 cli.define_run_flags(workdir="runs/eos", track_every=20, checkpoint_every=1000)
 flags.DEFINE_list("lrs", ["0.02", "0.05", "0.1"], "Learning rates to sweep.")
-flags.DEFINE_float("lr_steps_product", 150.0, "Steps per run = this / lr (0 = use --steps).")
+flags.DEFINE_float("lr_steps_product", 150.0, "Steps per run = this / lr (0 = use --steps).",
+                   lower_bound=0)
 FLAGS = flags.FLAGS
 
 
@@ -87,8 +88,16 @@ def main(argv):
               file=sys.stderr)
         return 2
     root = Path(FLAGS.workdir)
+    if root.exists() and not root.is_dir():
+        print(f"error: --workdir={str(root)!r} exists and is not a directory; choose another "
+              "path.", file=sys.stderr)
+        return 2
     try:
         base = cli.config_from_flags(overwrite=False, resume=False)
+        if base.track_every <= 0:
+            raise config_lib.ConfigError(
+                f"--track_every={base.track_every} is not allowed: the edge-of-stability sweep "
+                "measures λ1 at tracked steps, so it must be > 0 (default 20).")
         configs = []
         for lr in lrs:
             steps = (int(math.ceil(FLAGS.lr_steps_product / lr)) if FLAGS.lr_steps_product > 0

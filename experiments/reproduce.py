@@ -114,6 +114,10 @@ def main(argv):
               f"choose from {EXPERIMENTS}", file=sys.stderr)
         return 2
     root = Path(FLAGS.workdir)
+    if root.exists() and not root.is_dir():
+        print(f"error: --workdir={str(root)!r} exists and is not a directory; choose another "
+              "path.", file=sys.stderr)
+        return 2
     root.mkdir(parents=True, exist_ok=True)
     chosen = FLAGS.only or EXPERIMENTS
     total_start = time.time()

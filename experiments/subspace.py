@@ -50,6 +50,7 @@ from absl import app, flags, logging
 
 from lossland import checkpoints, config as config_lib, data as data_lib
 from lossland import ablation, plots, records, runner, sharding
+from lossland import experiment as experiment_lib
 from lossland.ablation import BULK_AS_WELL, CHI_MOST, DOM_STALLS, TOP_SHARE_LITTLE, VARIANTS
 
 # Each preset: the base RunConfig fields, then the experiment's own settings.
@@ -112,12 +113,19 @@ class _Interrupted(Exception):
     """SIGINT/SIGTERM reached a run: stop the whole experiment, not just that run."""
 
 
+def _warmup_config(root: Path, base: config_lib.RunConfig,
+                   settings: dict) -> config_lib.RunConfig:
+    """The RunConfig of the --start=eos warm-up."""
+    return base.replace(workdir=str(root / "warmup"), optimizer="gd", projection="none",
+                        steps=settings["warmup_max_steps"],
+                        track_every=settings["warmup_track_every"], track_k=1,
+                        eos_hold_steps=settings["eos_hold_steps"],
+                        eos_threshold=FLAGS.eos_threshold, plots=False)
+
+
 def _warmup(root: Path, base: config_lib.RunConfig, settings: dict):
     """GD to the edge of stability; returns (params at its end, its description)."""
-    cfg = base.replace(workdir=str(root / "warmup"), optimizer="gd", projection="none",
-                       steps=settings["warmup_max_steps"], track_every=settings["warmup_track_every"],
-                       track_k=1, eos_hold_steps=settings["eos_hold_steps"],
-                       eos_threshold=FLAGS.eos_threshold, plots=False)
+    cfg = _warmup_config(root, base, settings)
     exp = runner.build_experiment(cfg)
     result = runner.run(cfg, experiment=exp)
     if result.status == runner.STATUS_INTERRUPTED:
@@ -167,8 +175,16 @@ def main(argv):
         run_fields["lr"] = FLAGS.lr
     k = settings["k"]
     root = Path(FLAGS.workdir)
+    projecting = [name for name in FLAGS.variants if VARIANTS[name][1] != "none"]
+    if projecting and k < 1:
+        print(f"error: --k={k} is not allowed: the variants {projecting} project on the top-k "
+              "Hessian subspace, so k must be >= 1. Set --k, or run only gd,sgd.",
+              file=sys.stderr)
+        return 2
     try:
         base = config_lib.RunConfig(**run_fields)
+        if FLAGS.start == "eos":   # checked now, not after the workdir is made
+            config_lib.validate(_warmup_config(root, base, settings))
         variant_cfgs = {}
         for name in FLAGS.variants:
             optimizer, projection, _ = VARIANTS[name]
@@ -179,6 +195,15 @@ def main(argv):
                 lanczos_iters=max(base.lanczos_iters, k),
                 log_every=1)  # every step: the runner writes tracked rows only on log steps
             config_lib.validate(variant_cfgs[name])
+            try:   # k <= P, from shapes alone
+                experiment_lib.validate_model_bounds(variant_cfgs[name])
+            except config_lib.ConfigError as e:
+                raise config_lib.ConfigError(f"--k={k} sets each variant's --track_k and "
+                                             f"--projection_k: {e}") from None
+        if root.is_dir() and any(root.iterdir()) and not FLAGS.overwrite:   # (no --resume here)
+            raise records.WorkdirError(f"--workdir={root} exists and is not empty. Pass "
+                                       "--overwrite to replace its records, or choose a new "
+                                       "--workdir.")
         records.check_workdir(root, overwrite=FLAGS.overwrite)
     except (config_lib.ConfigError, records.WorkdirError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -154,7 +154,12 @@ def settings_from_flags() -> dict:
         s[key] = FLAGS[key].value
     s["per_dataset"] = {d: {k: v for k, v in arm.items() if k not in user_set}
                         for d, arm in s.get("per_dataset", {}).items()}
-    s.update(eos_threshold=FLAGS.eos_threshold, eos_band=[float(v) for v in FLAGS.eos_band],
+    try:
+        band = [float(v) for v in FLAGS.eos_band]
+    except ValueError:
+        raise SweepError(f"--eos_band={','.join(FLAGS.eos_band)!r} is not allowed: give two "
+                         "numbers 0 < lo <= hi, e.g. 0.9,1.1.") from None
+    s.update(eos_threshold=FLAGS.eos_threshold, eos_band=band,
              eos_window=FLAGS.eos_window, data_dir=FLAGS.data_dir, confidence=FLAGS.confidence)
     return validate_settings(s)
 
@@ -177,6 +182,7 @@ def validate_settings(s: dict) -> dict:
            "sizes must be positive integers")
     _check(len(set(s["seeds"])) == len(s["seeds"]) and s["seeds"], "seeds", s["seeds"],
            "give distinct seeds")
+    _check(all(v >= 0 for v in s["seeds"]), "seeds", s["seeds"], "seeds are integers >= 0")
     for key, allowed in (("dataset", data_lib.DATASETS), ("activations", models.ACTIVATIONS),
                          ("losses", losses.PER_EXAMPLE_LOSSES)):
         bad = [v for v in s[key] if v not in allowed]
@@ -195,6 +201,10 @@ def validate_settings(s: dict) -> dict:
     _check(s.get("eos_window", 1) >= 1, "eos_window", s.get("eos_window"), "must be >= 1")
     _check(s["hold_steps"] > 0, "hold_steps", s["hold_steps"],
            "every sweep run must hold the edge of stability for > 0 steps before it is probed")
+    _check(s["max_steps"] > 0, "max_steps", s["max_steps"], "the step cap of every run must "
+           "be > 0")
+    _check(s["track_every"] > 0, "track_every", s["track_every"], "the sweep needs the "
+           "tracked sharpness to tell the edge of stability, so it must be > 0")
     _check(0 < s["confidence"] < 1, "confidence", s["confidence"], "must lie in (0, 1)")
     _check(s["num_bootstrap"] >= 100, "num_bootstrap", s["num_bootstrap"], "must be >= 100")
     return s
@@ -321,7 +331,12 @@ def main(argv):
         settings = settings_from_flags()
         points = grid(settings)
         configs = [run_config(p, settings, workdir) for p in points]
-    except (SweepError, config_lib.ConfigError) as e:
+        if workdir.exists() and not workdir.is_dir():
+            raise SweepError(f"--workdir={str(workdir)!r} exists and is not a directory; "
+                             "choose another path.")
+        for dataset in settings["dataset"]:   # files checked before the workdir is made
+            data_lib.check_files(dataset, settings["data_dir"])
+    except (SweepError, config_lib.ConfigError, data_lib.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     workdir.mkdir(parents=True, exist_ok=True)

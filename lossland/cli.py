@@ -49,7 +49,8 @@ def define_run_flags(**default_overrides) -> None:
     flags.DEFINE_integer("batch_size", d.batch_size, "Minibatch size (not used by gd).",
                          lower_bound=1)
     flags.DEFINE_integer("steps", d.steps, "Optimizer steps (>= 0).", lower_bound=0)
-    flags.DEFINE_integer("seed", d.seed, "Seed for data order, init and probes.")
+    flags.DEFINE_integer("seed", d.seed, "Seed for data order, init and probes (>= 0).",
+                         lower_bound=0)
     flags.DEFINE_integer("chunk_size", d.chunk_size, "Examples per chunk of the full-batch "
                          "reducer; peak memory grows with it, not with n.", lower_bound=1)
     flags.DEFINE_enum("dtype", d.dtype, list(config_lib.DTYPES), "Floating-point precision.")

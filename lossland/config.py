@@ -129,6 +129,10 @@ def validate(cfg: RunConfig) -> None:
         _require(cfg.batch_size <= cfg.n_train, "batch_size", cfg.batch_size,
                  f"a minibatch cannot exceed --n_train={cfg.n_train}")
     _require(cfg.steps >= 0, "steps", cfg.steps, "the number of steps must be >= 0")
+    _require(cfg.seed >= 0, "seed", cfg.seed, "seeds are integers >= 0")
+    if cfg.dataset == "mnist1d":
+        _require(cfg.seed <= data_lib.MNIST1D_MAX_SEED, "seed", cfg.seed,
+                 f"the mnist1d generator takes seeds 0..{data_lib.MNIST1D_MAX_SEED}")
     _require(cfg.chunk_size > 0, "chunk_size", cfg.chunk_size, "must be > 0")
     _require(cfg.num_devices >= 0, "num_devices", cfg.num_devices, "must be >= 0 (0 = all)")
     _require(cfg.log_every > 0, "log_every", cfg.log_every, "must be > 0")

@@ -203,6 +203,18 @@ def _cifar10(split, data_dir):
 _MNIST1D_BLOCK = 10_000       # examples generated per mnist1d call (80% train)
 _MNIST1D_TRAIN_FRACTION = 0.8
 _SYNTHETIC_BLOCK = 10_000
+# mnist1d seeds numpy's legacy global RNG, which takes seeds in [0, 2**32); block b of
+# `seed` uses 42 + 1_000_003·seed + b. Up to this seed, every block b < 10**6 (8·10**9
+# training examples) stays in that range.
+MNIST1D_MAX_SEED = (2**32 - 1 - 42 - 1_000_000) // 1_000_003
+
+
+def _mnist1d_seed(seed: int, block: int) -> int:
+    """The mnist1d generator seed of one (seed, block): distinct and reproducible."""
+    if not 0 <= seed <= MNIST1D_MAX_SEED:
+        raise DataError(f"mnist1d: --seed={seed} is not allowed: the generator takes seeds "
+                        f"0..{MNIST1D_MAX_SEED}. Choose one there.")
+    return 42 + 1_000_003 * seed + block
 
 
 def _mnist1d_block(seed: int, block: int):
@@ -219,8 +231,7 @@ def _mnist1d_block(seed: int, block: int):
     args = mnist1d.data.get_dataset_args()
     args.num_samples = _MNIST1D_BLOCK
     args.train_split = _MNIST1D_TRAIN_FRACTION
-    # A distinct, reproducible generator seed per (seed, block).
-    args.seed = 42 + 1_000_003 * seed + block
+    args.seed = _mnist1d_seed(seed, block)
     # mnist1d seeds numpy's global RNG; keep the caller's global state intact.
     state = np.random.get_state()
     try:
@@ -355,6 +366,8 @@ def load(name: str, n: int, seed: int = 0, data_dir: str | None = None,
         raise DataError(f"unknown split {split!r}; choose one of {SPLITS}.")
     if not isinstance(n, (int, np.integer)) or n <= 0:
         raise DataError(f"n={n!r} examples asked of {name}; n must be a positive integer.")
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise DataError(f"--seed={seed!r} is not allowed: seeds are integers >= 0.")
     if name in SYNTHETIC:
         x, y, reference = _synthetic(name, split, n, seed, info.input_shape[0], info.num_classes)
     elif name == "mnist1d":
@@ -374,3 +387,15 @@ def load(name: str, n: int, seed: int = 0, data_dir: str | None = None,
     flat_ref = reference.reshape(reference.shape[0], -1)
     x = standardize(x.reshape(n, -1), flat_ref).reshape((n,) + info.input_shape)
     return x, y.astype(np.int32)
+
+
+def check_files(name: str, data_dir: str | None = None, split: str = "train") -> None:
+    """Reads and checks `name`'s files for `split` without keeping them; a DataError if bad.
+
+    For drivers that create folders before their first run loads the data (the
+    sweeps): the same existence, size and shape checks as `load`, at start-up.
+    Generated datasets have no files and pass.
+    """
+    dataset_info(name)
+    if name in _FINITE_LOADERS:
+        _FINITE_LOADERS[name](split, data_dir)

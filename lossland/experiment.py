@@ -59,18 +59,31 @@ def enable_dtype(dtype_name: str):
     return jnp.float32
 
 
+def validate_model_bounds(cfg: config_lib.RunConfig) -> data_lib.DatasetInfo:
+    """`config.validate_for_model` (k <= P) from shapes alone: no data, no compilation.
+
+    Returns the dataset's info (input shape, classes).
+    """
+    info = data_lib.dataset_info(cfg.dataset, cfg.input_dim, cfg.num_classes)
+    config_lib.validate_for_model(cfg, models.count_params(
+        cfg.model, info.input_shape, info.num_classes, width=cfg.width, depth=cfg.depth,
+        activation=cfg.activation))
+    return info
+
+
 def build_experiment(cfg: config_lib.RunConfig) -> Experiment:
     """Loads data and builds model, objective, optimizer and the jitted step.
 
-    Raises ConfigError / DataError before any file is written.
+    Raises ConfigError / DataError before any file is written, and before any
+    compilation for everything checkable from the config and shapes.
     """
     config_lib.validate(cfg)
     dtype = enable_dtype(cfg.dtype)
     set_matmul_precision(cfg.matmul_precision)
+    info = validate_model_bounds(cfg)
     mesh = sharding.make_mesh(cfg.num_devices)
     x, y = data_lib.load(cfg.dataset, cfg.n_train, seed=cfg.seed, data_dir=cfg.data_dir,
                          input_dim=cfg.input_dim, num_classes=cfg.num_classes)
-    info = data_lib.dataset_info(cfg.dataset, cfg.input_dim, cfg.num_classes)
     init_key = jax.random.fold_in(jax.random.key(cfg.seed), 0)
     model = models.build_model(cfg.model, info.input_shape, info.num_classes, width=cfg.width,
                                depth=cfg.depth, activation=cfg.activation, key=init_key,

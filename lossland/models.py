@@ -10,6 +10,7 @@ Downstream code sees only `apply(params, x) -> outputs` and a params pytree:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -82,6 +83,20 @@ class Model:
     @property
     def num_params(self) -> int:
         return sum(p.size for p in jax.tree_util.tree_leaves(self.params))
+
+
+def count_params(name: str, input_shape: Sequence[int], num_classes: int, *, width: int,
+                 depth: int, activation: str) -> int:
+    """The parameter count P of a registered model, from shapes alone (any dtype).
+
+    `jax.eval_shape` traces the initialization without running or compiling
+    it, so settings bounded by P can be checked before any compute.
+    """
+    module = MODELS[name](width=width, depth=depth, num_classes=num_classes,
+                          activation=activation)
+    shapes = jax.eval_shape(
+        lambda: module.init(jax.random.key(0), jnp.zeros((1, *input_shape)))["params"])
+    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(shapes))
 
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, *, width: int,

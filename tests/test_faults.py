@@ -124,6 +124,11 @@ def test_resume_or_start_still_refuses_a_changed_trajectory_flag(tmp_path):
     assert skipped is None and not cfg.resume and cfg.overwrite
 
 
+def test_timing_keys_agree_with_the_loop():
+    # The harness compares rows without timing keys; a key the loop adds must be known here.
+    assert set(faults.TIMING_KEYS) == set(runner.TIMING_KEYS)
+
+
 def test_kill_plan_and_record_comparison():
     rng = np.random.default_rng(0)
     plan = faults.kill_plan(6, rng)
