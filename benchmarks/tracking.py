@@ -138,7 +138,10 @@ class Kernels:
         def lobpcg(theta, X, m, tol):
             from jax.experimental.sparse.linalg import lobpcg_standard
             matmat = lambda X_cols: block(theta, X_cols.T).T
-            theta_values, U, iters = lobpcg_standard(matmat, X.T, m=m, tol=tol)
+            # lobpcg_standard stops when ‖Av − λv‖ < tol·10·P·(λ + ‖Av‖) ≈ tol·20·P·λ;
+            # dividing by 20·P gives lanczos_top_k's rule ‖Av − λv‖ ≤ tol·|λ|.
+            P = X.shape[1]
+            theta_values, U, iters = lobpcg_standard(matmat, X.T, m=m, tol=tol / (20 * P))
             return theta_values, U.T, iters
         self.lobpcg = jax.jit(lobpcg, static_argnames=("m", "tol"))
 
