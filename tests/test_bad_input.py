@@ -275,8 +275,8 @@ CASES = [
     subspace("seed-negative", "--seed=-3", expect=["--seed=-3", ">= 0"]),
     subspace("start-unknown", "--start=middle", expect=["--start=middle", "<eos|init>"]),
     subspace("workdir-is-a-file", setup="file", expect=["--workdir=", "is not a directory"]),
-    subspace("workdir-exists", setup="notes", expect=["--workdir=", "not empty", "--overwrite",
-                                                       "or choose a new --workdir."]),
+    subspace("workdir-exists", setup="notes",   # and no --resume, which subspace has not
+             expect=["--workdir=", "not empty", "--overwrite to replace its records, or choose"]),
     # --- experiments.reproduce ------------------------------------------------------------------
     reproduce("only-unknown", "--only=eos,foo", expect=["--only=eos,foo", "sweep_n"]),
     reproduce("preset-unknown", "--preset=huge", expect=["--preset=huge", "quick"]),
