@@ -159,32 +159,39 @@ def test_fits_use_only_runs_at_the_edge_of_stability_and_few_sizes_are_inconclus
     assert "6/18 runs at the edge of stability" in verdicts.c2_verdict(summary)
 
 
-# One activation keeps the test short; the grid still has 3 sizes × 2 seeds.
+# One activation keeps the test short; each dataset's arm still has 3 sizes × 2 seeds.
 SMOKE = ["--preset=smoke", "--activations=relu", "--progress=false"]
+FASHION_RELU = "fashion_mnist/mlp/mse/relu"
 
 
 def test_smoke_sweep_end_to_end_and_rerun(tmp_path):
     workdir = tmp_path / "sweep"
-    result = run_module("experiments.sweep_n", *SMOKE, f"--workdir={workdir}", timeout=300)
+    result = run_module("experiments.sweep_n", *SMOKE, f"--workdir={workdir}", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = records.read_metrics(workdir / "sweep.jsonl")
     points = sweep_n.grid({**sweep_n.PRESETS["smoke"], "activations": ["relu"],
                            "losses": ["mse"]})
     assert [r["name"] for r in rows] == [p.name for p in points]
+    # The smoke preset covers two datasets (issue 14), each with its own arm.
+    assert {r["dataset"] for r in rows} == {"mnist1d", "fashion_mnist"}
+    hold_steps = sweep_n.PRESETS["smoke"]["hold_steps"]
     for row in rows:
+        # Every smoke run enters the edge of stability and holds it for hold_steps.
         assert row["status"] == "finished" and row["stop_reason"] == "eos_hold", row
-        assert row["at_eos"] and row["eos_entry_step"] is not None and row["held_steps"] >= 10
+        assert row["at_eos"] and row["eos_entry_step"] is not None, row
+        assert row["held_steps"] >= hold_steps, row
         for key in ("grad_norm", "valley_distance", "probe_max_grad_norm", "probe_max_curvature",
                     "probe_v1_slope_exponent", "lambda1"):
             assert isinstance(row[key], float) and np.isfinite(row[key]), (key, row[key])
     summary = json.loads((workdir / "summary.json").read_text())
-    assert [g["group"] for g in summary["groups"]] == [RELU]
+    assert sorted(g["group"] for g in summary["groups"]) == sorted([RELU, FASHION_RELU])
     for group in summary["groups"]:
         # Every smoke run reaches and holds the edge of stability.
         assert group["runs_total"] == group["runs_at_eos"] == 6, group
         assert group["sizes_at_eos"] == 3 and group["verdict"] in ("for", "against", "inconclusive")
-    fit = _group(summary, RELU)["quantities"]["probe_max_grad_norm"]
-    assert fit["n"] == [64, 96, 128] and np.isfinite(fit["slope"]) and np.isfinite(fit["ci_low"])
+    for name, sizes in ((RELU, [64, 96, 128]), (FASHION_RELU, [256, 512, 1024])):
+        fit = _group(summary, name)["quantities"]["probe_max_grad_norm"]
+        assert fit["n"] == sizes and np.isfinite(fit["slope"]) and np.isfinite(fit["ci_low"])
     for key in ("grad_norm", "probe_max_grad_norm", "probe_max_curvature", "valley_distance"):
         assert (workdir / "plots" / f"{key}.png").stat().st_size > 5000
     assert (workdir / "plots" / "valley_distance_vs_step.png").exists()
@@ -196,7 +203,7 @@ def test_smoke_sweep_end_to_end_and_rerun(tmp_path):
     metrics = workdir / "runs" / points[0].name / "metrics.jsonl"
     lines = metrics.read_text().splitlines(keepends=True)
     metrics.write_text("".join(lines[:-1]))
-    again = run_module("experiments.sweep_n", *SMOKE, f"--workdir={workdir}", timeout=300)
+    again = run_module("experiments.sweep_n", *SMOKE, f"--workdir={workdir}", timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count(": skipped (finished)") == len(points) - 1
     assert f"{points[0].name}: resumed" in again.stderr
