@@ -223,8 +223,8 @@ def main(argv=None):
     log(f"workload {dataset} n={args.n} P={P}; timing kernels")
     key = jax.random.key(args.seed)
     V = jax.random.normal(key, (args.k, P), jnp.float32)
-    out = {"workload": {"dataset": dataset, "n": args.n, "width": args.width, "params": P, "k": args.k,
-                        "tol": args.tol, "block_size": args.block_size, "steps": args.steps,
+    out = {"workload": {"dataset": dataset, "n": args.n, "width": args.width, "params": P,
+                        "k": args.k, "tol": args.tol, "block_size": args.block_size, "steps": args.steps,
                         "lr": args.lr, "backend": jax.default_backend(),
                         "load_before": os.getloadavg()[0]}}
     out["grad_seconds"] = median_seconds(kern.grad, theta0)
