@@ -43,7 +43,7 @@ PRESETS = {
                                      "--log_every=5"]),
         "sweep_n": ("experiments.sweep_n", ["--preset=smoke", "--losses=mse"]),
         "sweep_ce": ("experiments.sweep_n", ["--preset=smoke", "--losses=cross_entropy",
-                                             "--n_values=64,256"]),
+                                             "--dataset=mnist1d", "--n_values=64,256"]),
         "subspace": ("experiments.subspace", ["--preset=smoke"]),
     },
     "quick": {
@@ -52,7 +52,8 @@ PRESETS = {
                                      "--checkpoint_every=1000"]),
         "sweep_n": ("experiments.sweep_n", ["--preset=quick", "--losses=mse"]),
         "sweep_ce": ("experiments.sweep_n", ["--preset=quick", "--losses=cross_entropy",
-                                             "--lr=0.1", "--n_values=250,1000,4000",
+                                             "--dataset=mnist1d", "--lr=0.1",
+                                             "--n_values=250,1000,4000",
                                              "--activations=relu"]),
         "subspace": ("experiments.subspace", ["--preset=quick"]),
     },

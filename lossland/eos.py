@@ -132,12 +132,16 @@ def held_steps(monitor: EosMonitor, step: Optional[int] = None) -> int:
 def replay(rows: Iterable[dict], rule: EosRule) -> EosMonitor:
     """The monitor after every tracked row (a row with `stability_ratio`) of `rows`, in order.
 
-    The status row of a finished run is tracked too (at the final params, a step
-    after the last tracked one), so it counts like any other tracked row.
+    The status row of a finished run is tracked too. At the step cap it measures the
+    final params and counts like any other tracked row; a run stopped by its hold
+    stops at the tracked step the hold was met, and its status row repeats that
+    step's measurement, which counts once.
     """
     monitor = EosMonitor()
     for row in rows:
         if not isinstance(row.get("stability_ratio"), (int, float)):
+            continue
+        if monitor.step is not None and int(row["step"]) == monitor.step:
             continue
         monitor = update(monitor, int(row["step"]), row["stability_ratio"], rule)
     return monitor

@@ -79,6 +79,7 @@ class _Loop:
         self.t0 = time.time() - wall_time_before
         self.hvp_seconds = None    # one full-batch HVP, timed at the first tracked step
         self.last_row: dict = {}   # the last row written (for the progress line)
+        self.last_tracked: dict = {}   # the tracked part of the last tracked row
         # Where the run stands at the edge of stability (lossland.eos). A function of the
         # tracked ratios alone, so a resumed run rebuilds it from the records it keeps.
         self.eos_rule = eos.EosRule(cfg.eos_threshold, tuple(cfg.eos_band), cfg.eos_window)
@@ -93,13 +94,18 @@ class _Loop:
                 return self.interrupted(state, step, signals.signum)
             if step > first_step and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 self.save(state)
-            held = bool(cfg.eos_hold_steps
-                        and eos.held_steps(self.eos_monitor, step) >= cfg.eos_hold_steps)
-            if step == cfg.steps or held:
-                return self.final_step(state, step, held)
+            if step == cfg.steps:
+                return self.final_step(state, step)
+            before = state
             row, new_params, new_opt_state, state, diverged_at = self.train_step(state, step)
             if diverged_at is not None:
                 return self.diverged(state, row, diverged_at)
+            if "eigenvalues" in row and self.hold_met():
+                # The hold is judged at a measured step, and the run stops there, at
+                # θ_step: its tracked row is the final one (a second measurement could
+                # leave the band the hold was just met in).
+                return self.final_step(state, step, tracked=self.last_tracked,
+                                       checkpoint=before)
             displacement = (ravel_pytree(new_params)[0] - ravel_pytree(state.params)[0]
                             if self.prober is not None else state.displacement)
             state = state.replace(step=step + 1, params=new_params, opt_state=new_opt_state,
@@ -136,6 +142,7 @@ class _Loop:
         if diverged_at is None and self.tracker is not None and step % cfg.track_every == 0:
             tracked, state = self.measure(state, step)
             row.update(tracked)
+            self.last_tracked = tracked
         if _should_log(step, cfg) or diverged_at is not None or "eigenvalues" in row:
             row["wall_time"] = time.time() - self.t0
             self.writer.write(row)
@@ -178,27 +185,39 @@ class _Loop:
         row["track_time"] = time.time() - start
         return row, state
 
-    def final_step(self, state, step: int, held: bool) -> lifecycle.RunResult:
-        """The status row at θ_step: final loss, accuracy, gradient, and tracking when on."""
+    def hold_met(self) -> bool:
+        """The run has held the edge of stability --eos_hold_steps up to its last tracked step."""
+        hold = self.cfg.eos_hold_steps
+        return bool(hold and eos.held_steps(self.eos_monitor) >= hold)
+
+    def final_step(self, state, step: int, tracked: dict | None = None,
+                   checkpoint=None) -> lifecycle.RunResult:
+        """The status row at θ_step: final loss, accuracy, gradient, and tracking when on.
+
+        `tracked` is the row part already measured at θ_step (the step the hold was
+        met at), reused rather than measured twice; `checkpoint` is the state saved
+        for a resume, the one before that measurement.
+        """
         # Checkpoint before the final tracking, whose eigenvectors must not
         # become the warm start of a run that resumes with more --steps.
-        self.save(state)
+        self.save(state if checkpoint is None else checkpoint)
         loss, accuracy, grad = self.objective.loss_accuracy_grad(state.params)
         final = {"loss": float(loss), "accuracy": float(accuracy),
                  "grad_norm": float(train_lib.tree_norm(grad)),
-                 "param_norm": float(train_lib.tree_norm(state.params)),
-                 "stop_reason": "eos_hold" if held else "max_steps"}
+                 "param_norm": float(train_lib.tree_norm(state.params))}
         if self.tracker is not None:
-            final_tracked, final_state = self.measure(state, step)
-            final.update(final_tracked)
+            if tracked is None:
+                tracked, state = self.measure(state, step)
+            final.update(tracked)
             if self.prober is not None and "valley_distance" not in final:
                 # Probes also run at the very end, along the final v1.
-                final.update(self.prober(final_state.params, self.data, final_state.eigvecs[0],
-                                         final_state.displacement,
+                final.update(self.prober(state.params, self.data, state.eigvecs[0],
+                                         state.displacement,
                                          jax.random.fold_in(self.base_key, step + 1),
-                                         final_state.init_v1))
+                                         state.init_v1))
             final["eos_entry_step"] = self.eos_monitor.entry_step
             final["held_steps"] = eos.held_steps(self.eos_monitor)
+        final["stop_reason"] = "eos_hold" if self.hold_met() else "max_steps"
         return self.finish(lifecycle.STATUS_FINISHED, step, final)
 
     def diverged(self, state, row: dict, diverged_at: int) -> lifecycle.RunResult:

@@ -62,6 +62,30 @@ class GridPoint:
         return f"{self.dataset}/{self.model}/{self.loss}/{self.activation}"
 
 
+def dataset_arms(settings: dict, dataset: str) -> list[dict]:
+    """The settings of every arm of one dataset: the sweep's, with that dataset's
+    overrides on top (`per_dataset[dataset]`: one dict, or a list of dicts, one per
+    model, e.g. an MLP and a CNN on Fashion-MNIST, each with its η, hold and cap)."""
+    overrides = settings.get("per_dataset", {}).get(dataset, {})
+    arms = [{**settings, **arm} for arm in
+            (overrides if isinstance(overrides, list) else [overrides])]
+    models = [arm.get("model", "mlp") for arm in arms]
+    if len(set(models)) != len(models):
+        raise ValueError(f"{dataset}: two arms with the same model ({models}); a dataset's "
+                         f"arms must differ in their model")
+    return arms
+
+
+def arm_settings(settings: dict, dataset: str, model: str | None = None) -> dict:
+    """The settings of the arm of `dataset` that trains `model` (default: its first arm)."""
+    arms = dataset_arms(settings, dataset)
+    matching = [arm for arm in arms if model is None or arm.get("model", "mlp") == model]
+    if not matching:
+        raise ValueError(f"{dataset} has no arm for model {model!r} (arms: "
+                         f"{[arm.get('model', 'mlp') for arm in arms]})")
+    return matching[0]
+
+
 def eos_rule(settings: dict) -> eos.EosRule:
     """The sweep's edge-of-stability rule (`lossland.eos`) from its settings."""
     return eos.EosRule(threshold=settings["eos_threshold"],
@@ -98,7 +122,8 @@ def run_row(point: GridPoint, run_dir: Path, settings: dict) -> dict:
            "status": final.get("status", "incomplete"), "stop_reason": final.get("stop_reason"),
            "final_step": final.get("step")}
     rule = eos_rule(settings)
-    row.update(eos.run_summary(rows, rule, settings["hold_steps"]))
+    hold_steps = arm_settings(settings, point.dataset, point.model)["hold_steps"]
+    row.update(eos.run_summary(rows, rule, hold_steps))
     # "loss" names the loss function of the grid point; its final value is train_loss.
     row["train_loss"], row["train_accuracy"] = final.get("loss"), final.get("accuracy")
     for key in ("grad_norm", "stability_ratio", "chi_1", "valley_distance", "valley_at_edge",
@@ -231,6 +256,7 @@ def _fits(runs: list[dict], settings: dict) -> dict:
 def summarize_group(members: list[dict], settings: dict) -> dict:
     """One group's summary entry. Fits and C1/C2 verdicts use the runs at the edge of
     stability only (`at_eos`); every other run is counted, never fitted."""
+    settings = arm_settings(settings, members[0]["dataset"], members[0]["model"])
     at_eos = [r for r in members if r.get("status") == "finished" and r.get("at_eos")]
     stop, labels = {}, {}
     for r in members:
@@ -285,21 +311,21 @@ def summarize(rows: list[dict], settings: dict) -> dict:
         "groups": groups})
 
 
-def _arm_text(s: dict, dataset: str) -> str:
-    arm = {**s, **s.get("per_dataset", {}).get(dataset, {})}
+def _arm_text(arm: dict, dataset: str) -> str:
     return (f"{dataset}: {arm['model'].upper()} {arm['depth']}×{arm['width']}, η = {arm['lr']}, "
             f"losses {', '.join(arm['losses'])}, activations {', '.join(arm['activations'])}, "
-            f"N ∈ {arm['n_values']}")
+            f"N ∈ {arm['n_values']}, hold {arm['hold_steps']} steps, cap {arm['max_steps']} "
+            f"steps")
 
 
 def setup_text(s: dict) -> str:
     rule = eos_rule(s)
-    arms = "; ".join(_arm_text(s, d) for d in s["dataset"])
+    arms = "; ".join(_arm_text(arm, d) for d in s["dataset"] for arm in dataset_arms(s, d))
     return (f"Setup: {arms}; full-batch GD; seeds {s['seeds']}. Each run stops once it has held "
-            f"the edge of stability {s['hold_steps']} steps (entered at the first upward "
+            f"the edge of stability for its arm's hold (entered at the first upward "
             f"crossing of λ1·η/2 = {rule.threshold}, then the median of λ1·η/2 over "
-            f"{rule.window} tracked steps inside [{rule.band[0]}, {rule.band[1]}]), or at "
-            f"{s['max_steps']} steps; probes of {s['probe_points']} points on ±{s['probe_s_max']} "
+            f"{rule.window} tracked steps inside [{rule.band[0]}, {rule.band[1]}]), or at its "
+            f"cap; probes of {s['probe_points']} points on ±{s['probe_s_max']} "
             f"along v1, the gradient, the last step and {s['num_random_directions']} random "
             f"direction(s); {s['num_bootstrap']} bootstrap resamples.")
 

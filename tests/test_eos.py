@@ -87,6 +87,10 @@ def test_replay_counts_the_final_tracked_status_row_and_equals_incremental_updat
     _, monitor, rows = _run(ratios)
     with_status = rows + [{"step": 80, "status": "finished", "stability_ratio": 5.0}]
     assert eos.replay(with_status, RULE) == eos.update(monitor, 80, 5.0, RULE)
+    # A run stopped by its hold stops at the tracked step the hold was met; its status row
+    # repeats that step's measurement, which counts once.
+    repeat = rows + [{**rows[-1], "status": "finished", "stop_reason": "eos_hold"}]
+    assert eos.replay(repeat, RULE) == monitor
     # A status row without tracking (e.g. diverged) changes nothing.
     assert eos.replay(rows + [{"step": 80, "status": "diverged"}], RULE) == monitor
     incremental = eos.EosMonitor()

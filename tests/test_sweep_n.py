@@ -210,6 +210,43 @@ def test_smoke_sweep_end_to_end_and_rerun(tmp_path):
     assert records.read_metrics(workdir / "sweep.jsonl")[0]["status"] == "finished"
 
 
+def _held_run(run_dir, hold_from=20, last=200, every=20):
+    """metrics.jsonl of a run below 0.9 at step 0, at λ1·η/2 = 1.0 from hold_from on."""
+    rows = [{"step": step, "stability_ratio": 0.5 if step < hold_from else 1.0}
+            for step in range(0, last, every)]
+    rows.append({"step": last, "status": "finished", "stop_reason": "eos_hold",
+                 "stability_ratio": 1.0})
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run_dir
+
+
+def test_each_arm_has_its_own_model_settings_and_hold(tmp_path):
+    settings = sweep_n.validate_settings({**sweep_n.PRESETS["full"], "eos_threshold": 0.9,
+                                          "confidence": 0.95, "eos_band": [0.9, 1.1],
+                                          "eos_window": 5, "data_dir": None})
+    groups = {p.group for p in sweep_n.grid(settings)}
+    assert {"fashion_mnist/mlp/mse/relu", "fashion_mnist/cnn/mse/relu"} <= groups
+    cnn = next(p for p in sweep_n.grid(settings) if p.model == "cnn")
+    mlp = next(p for p in sweep_n.grid(settings) if p.dataset == "fashion_mnist"
+               and p.model == "mlp")
+    configs = [sweep_n.run_config(p, settings, tmp_path) for p in (cnn, mlp)]
+    assert [(c.model, c.lr, c.depth) for c in configs] == [("cnn", 0.03, 2), ("mlp", 0.11, 4)]
+    # The quick preset holds its Fashion-MNIST arm 100 steps and MNIST-1D 200: the same
+    # records (entered at step 20, holding from step 100, stopped at 200) are at the edge
+    # of stability for the first and not for the second.
+    quick = {**sweep_n.PRESETS["quick"], "eos_threshold": 0.9}
+    run_dir = _held_run(tmp_path / "run")
+    fashion = next(p for p in sweep_n.grid(quick) if p.dataset == "fashion_mnist")
+    mnist1d = next(p for p in sweep_n.grid(quick) if p.dataset == "mnist1d")
+    as_fashion, as_mnist1d = (scaling.run_row(p, run_dir, quick) for p in (fashion, mnist1d))
+    assert as_fashion["held_steps"] == as_mnist1d["held_steps"] == 100
+    assert as_fashion["at_eos"] and not as_mnist1d["at_eos"]
+    # Two arms of one dataset must train different models.
+    with pytest.raises(ValueError, match="same model"):
+        scaling.dataset_arms({**settings, "per_dataset": {"mnist1d": [{}, {}]}}, "mnist1d")
+
+
 def test_bad_settings_are_refused_naming_the_flag():
     base = {**sweep_n.PRESETS["smoke"], "activations": ["relu"], "losses": ["mse"],
             "eos_threshold": 0.9, "data_dir": None, "confidence": 0.95}
