@@ -53,7 +53,7 @@ PRESETS = {
         "sweep_n": ("experiments.sweep_n", ["--preset=quick", "--losses=mse"]),
         "sweep_ce": ("experiments.sweep_n", ["--preset=quick", "--losses=cross_entropy",
                                              "--dataset=mnist1d", "--lr=0.1",
-                                             "--n_values=250,1000,4000",
+                                             "--n_values=500,1000,2000",
                                              "--activations=relu"]),
         "subspace": ("experiments.subspace", ["--preset=quick"]),
     },

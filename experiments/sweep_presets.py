@@ -52,20 +52,24 @@ PRESETS = {
                   per_dataset={"fashion_mnist": dict(n_values=[256, 512, 1024], width=32,
                                                      depth=4, lr=0.11,
                                                      activations=["relu"])}),
-    # ≤ 60 min on 2 CPU cores (with the rest of `make reproduce`): MNIST-1D, MLP 2×256, GD
-    # η = 0.05, MSE (MISSION defaults). Measured on a shared 2-core CPU (2026-11-27): λ1
-    # reaches 0.9·2/η at N = 1000 after ~1700 (tanh) to ~2050 (relu) steps, never at N = 250
-    # (λ1 plateaus near 29), and grows by ~0.5 per 150 steps at N = 8000. Runs stop once they
-    # have held the edge of stability `hold_steps`, so the cap only binds for runs that never
-    # get there, and those are counted, not fitted. (η = 0.1 is no shortcut: the ReLU MLP
-    # catapults from λ1·η/2 = 3.1 to 0.07 and was at 0.39–0.44 after 1000 steps, 2026-12-06.)
+    # ≤ 60 min on 2 CPU cores with the rest of `make reproduce`: MNIST-1D, MLP 2×256, GD
+    # η = 0.05, MSE (MISSION defaults), and a Fashion-MNIST CNN. Runs stop once they have
+    # held the edge of stability `hold_steps`, so the cap only binds for runs that never get
+    # there, and those are counted, not fitted.
+    # * MNIST-1D, N = 500–2000. Measured 2026-12-06 (commit 0afe5f7, seeds 0–2): every run
+    #   at N = 500, 1000, 2000 held (stopped at steps 850–3400, 9–57 s each); at N = 4000
+    #   only 1 of 6 held within 4000 steps (the other five cost 107–124 s each, 11 min of
+    #   the sweep's 19), so N = 4000 is left to the full preset. N = 250 never gets there
+    #   (2026-11-27: λ1 plateaus near 29 < 0.9·2/η = 36). η = 0.1 is no shortcut: the ReLU
+    #   MLP catapults from λ1·η/2 = 3.1 to 0.07 and was at 0.39–0.44 after 1000 steps.
     # * Fashion-MNIST arm: the CNN with 2 conv blocks of 8 channels, η = 0.1, N = 500–2000.
     #   Measured 2026-12-06 (seed 0): at N = 500 λ1·η/2 starts at 1.12, falls to 0.39 by
-    #   step 10, sharpens back through 0.9 at step 85 and holds 0.96–1.16; η = 0.2 overshoots
-    #   (1.0–1.7 for 500 steps). 8 channels because XLA's CPU convolutions are slow: 16
-    #   channels cost 4× per tracked step, and at N = 2000 an unchunked Lanczos step of 8
-    #   products took 15–23 s, chunked by 250 examples 5–6 s (0.4 s per training step).
-    "quick": dict(dataset=["mnist1d", "fashion_mnist"], n_values=[500, 1000, 2000, 4000],
+    #   step 10, sharpens back through 0.9 at step 85 and holds 0.96–1.16 (seeds 0–2 held,
+    #   stopped at steps 220–280); η = 0.2 overshoots (1.0–1.7 for 500 steps). 8 channels
+    #   because XLA's CPU convolutions are slow: 16 channels cost 4× per tracked step. Chunks
+    #   of 500: at N = 2000 a Lanczos step of 8 products took 15–23 s unchunked, 5.3–6.4 s in
+    #   chunks of 500 (BUILD_NOTES); chunks of 250 made N = 500 runs 85–111 s each.
+    "quick": dict(dataset=["mnist1d", "fashion_mnist"], n_values=[500, 1000, 2000],
                   seeds=[0, 1, 2], width=256, depth=2, lr=0.05, max_steps=4000, hold_steps=200,
                   track_every=50, probe_every=500, track_k=1, lanczos_iters=12, probe_points=21,
                   num_random_directions=1, probe_s_max=0.05, num_bootstrap=2000,
@@ -74,7 +78,7 @@ PRESETS = {
                                                      n_values=[500, 1000, 2000],
                                                      max_steps=1000, hold_steps=100,
                                                      track_every=20, lanczos_iters=8,
-                                                     chunk_size=250)}),
+                                                     chunk_size=500)}),
     # Accelerators: N up to what each dataset allows (capped at its size), Fashion-MNIST with
     # an MLP and the CNN. Their η come from the CPU measurements above, at small N only (no
     # accelerator was lent to measure N = 60000): the MLP 4×32 at η = 0.11 is the smoke arm
