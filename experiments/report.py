@@ -144,12 +144,18 @@ def _environment_section(root: Path) -> list[str]:
 
 
 def _timing_section(root: Path, names: list[str], total_s: float | None) -> list[str]:
-    rows = []
+    rows, minutes = [], []
     for name in names:
         marker = _read_json(root / name / "COMPLETE.json")
+        if marker:
+            minutes.append(marker["wall_time_s"] / 60)
         rows.append([name, verdicts.fmt(marker["wall_time_s"] / 60, 1) if marker else "not run",
                      "`" + " ".join(marker["command"]) + "`" if marker else ""])
     lines = ["## Wall time", "", verdicts.markdown_table(["experiment", "minutes", "command"], rows)]
+    if minutes:
+        # Each experiment's own run, however many invocations it took to get there.
+        lines += ["", f"The {len(minutes)} experiments run took {sum(minutes):.1f} minutes in all "
+                      f"(the sum of the table)."]
     if total_s is not None:
         lines += ["", f"This invocation of `experiments.reproduce` took "
                       f"{total_s / 60:.1f} minutes (experiments skipped as complete cost nothing)."]
@@ -158,17 +164,15 @@ def _timing_section(root: Path, names: list[str], total_s: float | None) -> list
 
 def _sweep_section(root: Path) -> list[str]:
     lines = ["## C1 Formation and C2 Attraction (dataset-size sweeps)", ""]
-    for name, title in (("sweep_n", "MSE, relu and tanh"), ("sweep_ce", "cross-entropy control")):
+    for name, title in (("sweep_n", "MSE, every arm of the preset"),
+                        ("sweep_ce", "cross-entropy control")):
         folder = root / name
         verdict = folder / "verdict.md"
         lines += [f"### Sweep: {title}", ""]
         if not verdict.exists():
             lines += ["*(not run)*", ""]
             continue
-        summary = _read_json(folder / "summary.json") or {}
-        if summary.get("setup"):
-            lines += [f"Setting: {summary['setup']}", ""]
-        lines += [_demote(verdict.read_text()), ""]
+        lines += [_demote(verdict.read_text()), ""]   # it opens with the sweep's setup
         plots_dir = folder / "plots"
         for png in sorted(plots_dir.glob("*.png")) if plots_dir.exists() else []:
             lines.append(_figure(png, root, png.stem))

@@ -37,6 +37,10 @@ def test_every_section_figure_and_record_is_present(smoke_report):
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
         assert (root / link).stat().st_size > 1000, link
     assert (root / "eos" / "summary.json").exists() and (root / "sweep_n" / "sweep.jsonl").exists()
+    # The report states the study's wall time: the sum of each experiment's own.
+    minutes = [json.loads((root / name / "COMPLETE.json").read_text())["wall_time_s"] / 60
+               for name in ("eos", "gn", "sweep_n", "sweep_ce", "subspace")]
+    assert f"The 5 experiments run took {sum(minutes):.1f} minutes in all" in text
 
 
 def test_verdict_lines_agree_with_the_records(smoke_report):
