@@ -117,7 +117,7 @@ def settings_from_flags() -> dict:
     user_set = [key for key in OVERRIDABLE if FLAGS[key].value is not None]
     for key in user_set:
         s[key] = FLAGS[key].value
-    s["per_dataset"] = {d: _without_keys(arms, user_set)
+    s["per_dataset"] = {d: _without_keys(arms, user_set, s["model"])
                         for d, arms in s.get("per_dataset", {}).items()}
     try:
         band = [float(v) for v in FLAGS.eos_band]
@@ -129,13 +129,14 @@ def settings_from_flags() -> dict:
     return validate_settings(s)
 
 
-def _without_keys(arms, keys):
-    """A dataset's arm overrides without the flags the user set; with --model set, its
-    first arm only (the others would train the same model)."""
+def _without_keys(arms, keys, model):
+    """A dataset's arm overrides without the flags the user set. With --model set, one
+    arm only (the others would train the same model): the one for that model, if any."""
     if isinstance(arms, dict):
         return {k: v for k, v in arms.items() if k not in keys}
-    arms = arms[:1] if "model" in keys else arms
-    return [_without_keys(arm, keys) for arm in arms]
+    if "model" in keys:
+        arms = [arm for arm in arms if arm.get("model") == model][:1] or arms[:1]
+    return [_without_keys(arm, keys, model) for arm in arms]
 
 
 def dataset_arms(settings: dict, dataset: str) -> list[dict]:

@@ -242,6 +242,10 @@ def test_each_arm_has_its_own_model_settings_and_hold(tmp_path):
     as_fashion, as_mnist1d = (scaling.run_row(p, run_dir, quick) for p in (fashion, mnist1d))
     assert as_fashion["held_steps"] == as_mnist1d["held_steps"] == 100
     assert as_fashion["at_eos"] and not as_mnist1d["at_eos"]
+    # --model=cnn keeps the CNN's arm (its width, depth and η), not the first one.
+    full_fashion = sweep_n.PRESETS["full"]["per_dataset"]["fashion_mnist"]
+    assert sweep_n._without_keys(full_fashion, ["model"], "cnn") == [
+        {"width": 32, "depth": 2, "lr": 0.03, "activations": ["relu"]}]
     # Two arms of one dataset must train different models.
     with pytest.raises(ValueError, match="same model"):
         scaling.dataset_arms({**settings, "per_dataset": {"mnist1d": [{}, {}]}}, "mnist1d")
