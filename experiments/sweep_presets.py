@@ -69,6 +69,9 @@ PRESETS = {
     #   because XLA's CPU convolutions are slow: 16 channels cost 4× per tracked step. Chunks
     #   of 500: at N = 2000 a Lanczos step of 8 products took 15–23 s unchunked, 5.3–6.4 s in
     #   chunks of 500 (BUILD_NOTES); chunks of 250 made N = 500 runs 85–111 s each.
+    # With these settings (2026-12-06, commit 62b339f): 27 of 27 runs held; the sweep took
+    # 42.5 min (the CNN 33 of them: 73–91 s per run at N = 500, 185–228 s at 1000, 347–404 s
+    # at 2000) and all of `make reproduce` 53.7 min (docs/results/2026-12-06-quick-cpu).
     "quick": dict(dataset=["mnist1d", "fashion_mnist"], n_values=[500, 1000, 2000],
                   seeds=[0, 1, 2], width=256, depth=2, lr=0.05, max_steps=4000, hold_steps=200,
                   track_every=50, probe_every=500, track_k=1, lanczos_iters=12, probe_points=21,
