@@ -192,12 +192,14 @@ def _check(ok, flag, value, allowed):
 def grid(settings: dict) -> list[GridPoint]:
     """Every grid point; N above a dataset's size is capped at that size (deduplicated)."""
     points = []
-    for dataset, arm in ((d, a) for d in settings["dataset"] for a in dataset_arms(settings, d)):
+    for dataset in settings["dataset"]:
         available = data_lib.DATASETS[dataset].size["train"]
-        sizes = sorted({min(int(n), available) if available else int(n) for n in arm["n_values"]})
-        for loss, activation, n, seed in itertools.product(
-                arm["losses"], arm["activations"], sizes, settings["seeds"]):
-            points.append(GridPoint(dataset, loss, activation, n, seed, model=arm["model"]))
+        for arm in dataset_arms(settings, dataset):
+            sizes = sorted({min(int(n), available) if available else int(n)
+                            for n in arm["n_values"]})
+            for loss, activation, n, seed in itertools.product(
+                    arm["losses"], arm["activations"], sizes, settings["seeds"]):
+                points.append(GridPoint(dataset, loss, activation, n, seed, model=arm["model"]))
     return points
 
 

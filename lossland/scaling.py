@@ -62,6 +62,10 @@ class GridPoint:
         return f"{self.dataset}/{self.model}/{self.loss}/{self.activation}"
 
 
+def _model_of(arm: dict) -> str:
+    return arm.get("model", GridPoint.model)   # the MLP unless an arm names another
+
+
 def dataset_arms(settings: dict, dataset: str) -> list[dict]:
     """The settings of every arm of one dataset: the sweep's, with that dataset's
     overrides on top (`per_dataset[dataset]`: one dict, or a list of dicts, one per
@@ -69,7 +73,7 @@ def dataset_arms(settings: dict, dataset: str) -> list[dict]:
     overrides = settings.get("per_dataset", {}).get(dataset, {})
     arms = [{**settings, **arm} for arm in
             (overrides if isinstance(overrides, list) else [overrides])]
-    models = [arm.get("model", "mlp") for arm in arms]
+    models = [_model_of(arm) for arm in arms]
     if len(set(models)) != len(models):
         raise ValueError(f"{dataset}: two arms with the same model ({models}); a dataset's "
                          f"arms must differ in their model")
@@ -79,10 +83,10 @@ def dataset_arms(settings: dict, dataset: str) -> list[dict]:
 def arm_settings(settings: dict, dataset: str, model: str | None = None) -> dict:
     """The settings of the arm of `dataset` that trains `model` (default: its first arm)."""
     arms = dataset_arms(settings, dataset)
-    matching = [arm for arm in arms if model is None or arm.get("model", "mlp") == model]
+    matching = [arm for arm in arms if model is None or _model_of(arm) == model]
     if not matching:
         raise ValueError(f"{dataset} has no arm for model {model!r} (arms: "
-                         f"{[arm.get('model', 'mlp') for arm in arms]})")
+                         f"{[_model_of(arm) for arm in arms]})")
     return matching[0]
 
 
