@@ -20,14 +20,22 @@ demo: install
 	$(PY) -m experiments.train --workdir=$(DEMO_DIR) --overwrite --track_every=20 --steps=3000
 	@echo "records: $(DEMO_DIR)/metrics.jsonl  config: $(DEMO_DIR)/config.json  plots: $(DEMO_DIR)/plots/"
 
+# Tests run on every core (pytest-xdist). A module or test class is one unit of work, so
+# tests sharing a module fixture run on one worker; units go out longest first (the order
+# of tests/conftest.py). The 20 slowest tests are listed, so the next slow one is seen.
+PYTEST := $(PY) -m pytest -q -n auto --dist loadscope --no-loadscope-reorder --durations=20
+# Prints the wall time of a test command and keeps its exit status.
+TIMED = start=$$(date +%s); $(1); status=$$?; \
+	echo "$@: wall time $$(( $$(date +%s) - start )) s"; exit $$status
+
 test: install
-	$(PY) -m pytest -q
+	@$(call TIMED,$(PYTEST))
 
 test-all: install
-	$(PY) -m pytest -q -m ""
+	@$(call TIMED,$(PYTEST) -m "")
 
 test-slow: install
-	$(PY) -m pytest -q -m slow
+	@$(call TIMED,$(PYTEST) -m slow)
 
 bench: install
 	$(PY) -m benchmarks.curvature

@@ -3,7 +3,7 @@ import gzip
 import numpy as np
 import pytest
 
-from conftest import FASHION_DIR
+from conftest import requires_fashion_mnist
 from lossland import data
 
 
@@ -116,8 +116,7 @@ def test_cifar10_pickles(tmp_path):
         data.load("cifar10", 20, data_dir=str(tmp_path))
 
 
-@pytest.mark.skipif(not FASHION_DIR.exists(), reason="dataset-fashion-mnist not installed "
-                    "(.ci/run installs it)")
+@requires_fashion_mnist
 def test_real_fashion_mnist():
     x, y = data.load("fashion_mnist", 60000)
     assert x.shape == (60000, 28, 28) and x.dtype == np.float32

@@ -43,6 +43,9 @@ def test_kill_during_compilation_then_same_command_finishes(tmp_path):
                       f"--workdir={straight}").returncode == 0
     command = [*FAST, "--steps=12", "--resume", f"--workdir={killed}"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # This run must really compile, so that the kill lands before its first row: the
+    # test run's shared compilation cache (conftest.py) would make that a race.
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     process = subprocess.Popen([sys.executable, "-m", "experiments.train", *command], cwd=REPO,
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # config.json is written after the build; the first row only after the step compiled.

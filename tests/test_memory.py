@@ -11,7 +11,11 @@ import math
 
 import pytest
 
-from conftest import FASHION_DIR, run_module
+from conftest import requires_fashion_mnist, run_module
+
+# Both benchmarks read the real Fashion-MNIST files and take 30-60 s each on 2 cores:
+# `make test-slow` runs them (issue 22).
+pytestmark = pytest.mark.slow
 
 RESULT_KEYS = {"n", "kernel", "chunk_size", "num_chunks", "padded_n", "host_dataset_bytes",
                "device_dataset_bytes", "baseline_rss_bytes", "placement_peak_bytes",
@@ -21,7 +25,7 @@ CHECK_KEYS = {"kernel", "n_small", "n_large", "extra_dataset_bytes", "extra_kern
               "ratio", "within_10_percent"}
 
 
-@pytest.mark.skipif(not FASHION_DIR.exists(), reason=f"Fashion-MNIST not in {FASHION_DIR}")
+@requires_fashion_mnist
 def test_memory_benchmark_reports_positive_finite_peaks(tmp_path):
     output = tmp_path / "memory.json"
     result = run_module("benchmarks.memory", "--n=250,500", "--width=32", "--chunk_size=128",
@@ -54,7 +58,7 @@ def test_memory_benchmark_reports_positive_finite_peaks(tmp_path):
         assert check["extra_compiled_temp_bytes"] <= 0.1 * check["extra_dataset_bytes"], check
 
 
-@pytest.mark.skipif(not FASHION_DIR.exists(), reason=f"Fashion-MNIST not in {FASHION_DIR}")
+@requires_fashion_mnist
 def test_scaling_benchmark_agrees_across_devices_and_precisions(tmp_path):
     """benchmarks/scaling.py on 1 and 3 fake CPU devices (n=512 is padded on 3).
 

@@ -212,6 +212,7 @@ def test_projection_state_checkpoints_with_orbax(tmp_path, k):
     np.testing.assert_array_equal(ravel_pytree(a)[0], ravel_pytree(b)[0])
 
 
+@pytest.mark.slow   # the whole subspace experiment, about 60 s on 2 cores (issue 22)
 def test_smoke_preset_runs_end_to_end(tmp_path):
     workdir = tmp_path / "subspace"
     result = run_module("experiments.subspace", "--preset=smoke", f"--workdir={workdir}",

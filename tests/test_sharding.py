@@ -23,6 +23,9 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Under pytest-xdist (`--dist loadscope`) a test class is one unit of work, run by one
+# worker. The tests sharing a module fixture are grouped in a class, so that each
+# fixture's subprocesses start once, and the kernel and driver groups run at once.
 TOLERANCE = {"float32": 1e-5, "float64": 1e-10}   # normwise relative, ‖a − b‖∞ / ‖b‖∞
 N, CHUNK, BATCH = 230, 64, 50
 
@@ -148,7 +151,7 @@ def _spawn(out: Path, num_devices: int, *args: str, **extra) -> subprocess.Popen
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _finish(process: subprocess.Popen, timeout: float = 300) -> None:
+def _finish(process: subprocess.Popen, timeout: float = 900) -> None:
     output, _ = process.communicate(timeout=timeout)
     assert process.returncode == 0, output[-4000:]
 
@@ -197,23 +200,26 @@ def kernel_runs(tmp_path_factory):
     return {name: dict(np.load(tmp / f"{name}.npz")) for name in ("local", "mp")}
 
 
-@pytest.mark.parametrize("num_devices", [4, 3])
-def test_sharded_kernels_equal_one_device(kernel_runs, num_devices):
-    results = kernel_runs["local"]
-    assert int(results["num_devices"]) == 4
-    assert _compare(results, results, f"d{num_devices}") == []
-    names = {name.split("/")[2] for name in results if name.count("/") == 2}
-    expected = {"loss", "accuracy", "grad", "hvp", "gnvp", "loss_two_step", "gd_params",
-                "gd_metrics", "adam_params", "adam_metrics"}
-    assert expected <= names, expected - names
-    assert "lanczos_eigenvalues" in names, "lossland.tracking (the Lanczos tracker) did not import"
+class TestShardedKernels:
+    """One process with 4 devices, and 2 processes × 2 devices (the kernel_runs fixture)."""
 
+    @pytest.mark.parametrize("num_devices", [4, 3])
+    def test_sharded_kernels_equal_one_device(self, kernel_runs, num_devices):
+        results = kernel_runs["local"]
+        assert int(results["num_devices"]) == 4
+        assert _compare(results, results, f"d{num_devices}") == []
+        names = {name.split("/")[2] for name in results if name.count("/") == 2}
+        expected = {"loss", "accuracy", "grad", "hvp", "gnvp", "loss_two_step", "gd_params",
+                    "gd_metrics", "adam_params", "adam_metrics"}
+        assert expected <= names, expected - names
+        assert "lanczos_eigenvalues" in names, (
+            "lossland.tracking (the Lanczos tracker) did not import")
 
-def test_two_processes_equal_one_device(kernel_runs):
-    """jax.distributed with 2 processes × 2 CPU devices: the multi-host code path."""
-    results = kernel_runs["mp"]
-    assert int(results["num_processes"]) == 2 and int(results["num_devices"]) == 4
-    assert _compare(results, kernel_runs["local"], "d0") == []
+    def test_two_processes_equal_one_device(self, kernel_runs):
+        """jax.distributed with 2 processes × 2 CPU devices: the multi-host code path."""
+        results = kernel_runs["mp"]
+        assert int(results["num_processes"]) == 2 and int(results["num_devices"]) == 4
+        assert _compare(results, kernel_runs["local"], "d0") == []
 
 
 def _records(workdir: Path) -> list[dict]:
@@ -293,45 +299,49 @@ def driver_runs(tmp_path_factory):
     return workdirs
 
 
-def test_driver_records_do_not_depend_on_device_count(driver_runs):
-    """experiments.train with --num_devices=4 writes the records of --num_devices=1.
+class TestShardedDriver:
+    """The driver on 1, 4 and 2 × 2 devices (the driver_runs fixture)."""
 
-    n=70 in chunks of 32 is padded on 4 devices. A float64 run on 4 devices
-    checks that --dtype=float64 works on CPU (its kernels are compared with one
-    device's at 1e-10 above): its trajectory agrees with the float32 run to
-    float32 rounding. (Its tracked eigenvectors need not: 12 Lanczos steps
-    leave them unconverged, and float32 and float64 Krylov bases part ways.)
-    """
-    for (dtype, devices), workdir in driver_runs.items():
-        if devices == "2x2":
-            continue
+    def test_driver_records_do_not_depend_on_device_count(self, driver_runs):
+        """experiments.train with --num_devices=4 writes the records of --num_devices=1.
+
+        n=70 in chunks of 32 is padded on 4 devices. A float64 run on 4 devices
+        checks that --dtype=float64 works on CPU (its kernels are compared with one
+        device's at 1e-10 above): its trajectory agrees with the float32 run to
+        float32 rounding. (Its tracked eigenvectors need not: 12 Lanczos steps
+        leave them unconverged, and float32 and float64 Krylov bases part ways.)
+        """
+        for (dtype, devices), workdir in driver_runs.items():
+            if devices == "2x2":
+                continue
+            config = json.loads((workdir / "config.json").read_text())
+            assert config["num_devices"] == devices and config["flags"]["dtype"] == dtype
+        one = _records(driver_runs["float32", 1])
+        assert one[-1]["status"] == "finished" and len(one) == 5
+        assert sum("eigenvalues" in row for row in one) == 3
+        _assert_rows_close(_records(driver_runs["float32", 4]), one, 1e-5)
+        trajectory = {"step", "loss", "accuracy", "grad_norm", "param_norm", "update_norm", "lr",
+                      "status", "stop_reason"}
+        _assert_rows_close(_records(driver_runs["float64", 4]), one, 1e-5, keys=trajectory)
+
+
+    def test_driver_two_processes_write_the_records_of_one(self, driver_runs):
+        """2 processes × 2 devices, stopped at step 2 and resumed: one device's records.
+
+        Only process 0 writes: a second writer would duplicate every row. The
+        resumed run drops the first run's status row and continues from the
+        step-2 checkpoint, which both processes saved and restored together.
+        """
+        workdir = driver_runs["float32", "2x2"]
         config = json.loads((workdir / "config.json").read_text())
-        assert config["num_devices"] == devices and config["flags"]["dtype"] == dtype
-    one = _records(driver_runs["float32", 1])
-    assert one[-1]["status"] == "finished" and len(one) == 5
-    assert sum("eigenvalues" in row for row in one) == 3
-    _assert_rows_close(_records(driver_runs["float32", 4]), one, 1e-5)
-    trajectory = {"step", "loss", "accuracy", "grad_norm", "param_norm", "update_norm", "lr",
-                  "status", "stop_reason"}
-    _assert_rows_close(_records(driver_runs["float64", 4]), one, 1e-5, keys=trajectory)
+        assert config["process_count"] == 2 and config["num_devices"] == 4
+        rows = _records(workdir)
+        assert [row["step"] for row in rows] == [0, 1, 2, 3, 4]
+        _assert_rows_close(rows, _records(driver_runs["float32", 1]), 1e-5)
+        assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
 
 
-def test_driver_two_processes_write_the_records_of_one(driver_runs):
-    """2 processes × 2 devices, stopped at step 2 and resumed: one device's records.
-
-    Only process 0 writes: a second writer would duplicate every row. The
-    resumed run drops the first run's status row and continues from the
-    step-2 checkpoint, which both processes saved and restored together.
-    """
-    workdir = driver_runs["float32", "2x2"]
-    config = json.loads((workdir / "config.json").read_text())
-    assert config["process_count"] == 2 and config["num_devices"] == 4
-    rows = _records(workdir)
-    assert [row["step"] for row in rows] == [0, 1, 2, 3, 4]
-    _assert_rows_close(rows, _records(driver_runs["float32", 1]), 1e-5)
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
-
-
+@pytest.mark.slow   # two more jax.distributed processes, about 25 s on 2 cores (issue 22)
 def test_a_signal_to_one_process_stops_all(tmp_path):
     """SIGTERM reaching one process of two stops both at the same step, checkpointed.
 

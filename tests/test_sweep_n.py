@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import run_module
+from conftest import requires_fashion_mnist, run_module
 from experiments import sweep_n
 from lossland import eos, fits, records, scaling, verdicts
 
@@ -164,6 +164,8 @@ SMOKE = ["--preset=smoke", "--activations=relu", "--progress=false"]
 FASHION_RELU = "fashion_mnist/mlp/mse/relu"
 
 
+@pytest.mark.slow   # 12 runs on two datasets, about 100 s on 2 cores (issue 22)
+@requires_fashion_mnist
 def test_smoke_sweep_end_to_end_and_rerun(tmp_path):
     workdir = tmp_path / "sweep"
     result = run_module("experiments.sweep_n", *SMOKE, f"--workdir={workdir}", timeout=600)
