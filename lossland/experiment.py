@@ -65,9 +65,13 @@ def validate_model_bounds(cfg: config_lib.RunConfig) -> data_lib.DatasetInfo:
     Returns the dataset's info (input shape, classes).
     """
     info = data_lib.dataset_info(cfg.dataset, cfg.input_dim, cfg.num_classes)
-    config_lib.validate_for_model(cfg, models.count_params(
-        cfg.model, info.input_shape, info.num_classes, width=cfg.width, depth=cfg.depth,
-        activation=cfg.activation))
+    try:
+        num_params = models.count_params(cfg.model, info.input_shape, info.num_classes,
+                                         width=cfg.width, depth=cfg.depth,
+                                         activation=cfg.activation, model_kwargs=cfg.model_kwargs)
+    except models.ModelError as e:
+        raise config_lib.ConfigError(str(e)) from None
+    config_lib.validate_for_model(cfg, num_params)
     return info
 
 
@@ -87,7 +91,7 @@ def build_experiment(cfg: config_lib.RunConfig) -> Experiment:
     init_key = jax.random.fold_in(jax.random.key(cfg.seed), 0)
     model = models.build_model(cfg.model, info.input_shape, info.num_classes, width=cfg.width,
                                depth=cfg.depth, activation=cfg.activation, key=init_key,
-                               dtype=dtype)
+                               dtype=dtype, model_kwargs=cfg.model_kwargs)
     model = dataclasses.replace(model, params=sharding.replicate(model.params, mesh))
     # Built shard by shard from the unpadded host arrays: no padded host copy
     # stays resident, so memory grows with the data, not twice the data.

@@ -133,12 +133,36 @@ def check_resume(workdir: Path, cfg: config_lib.RunConfig) -> None:
     """
     if not (workdir / records.CONFIG_FILE).exists():
         return
+    check_sources_unchanged(workdir, cfg)
     changes = config_changes(workdir, cfg)
     if changes:
         raise config_lib.ConfigError(
             f"--resume: flags differ from the run in {workdir}: {describe_changes(changes)}. "
             "Resume with the original flags (only --steps, --checkpoint_every and --plots "
             "may change), or pass --overwrite instead of --resume to start afresh.")
+
+
+def sources(exp) -> dict:
+    """config.json's record of where a plug-in model came from: {"model_source": ...} or {}."""
+    return {"model_source": exp.model.source} if exp.model.source else {}
+
+
+def check_sources_unchanged(workdir: Path, cfg: config_lib.RunConfig) -> None:
+    """Refuses --resume when the file of the saved run's plug-in model changed (by sha256)."""
+    from lossland import models
+    saved = json.loads((workdir / records.CONFIG_FILE).read_text()).get("model_source")
+    if not saved or not models.is_plugin(cfg.model) or saved.get("spec") != cfg.model:
+        return  # no plug-in then, or another --model now (config_changes names it)
+    try:
+        now = models.load_factory(cfg.model)[1]
+    except models.ModelError as e:
+        raise config_lib.ConfigError(f"--resume: {e}") from None
+    if now["sha256"] != saved.get("sha256"):
+        raise config_lib.ConfigError(
+            f"--resume: the model --model={cfg.model} changed since the run in {workdir} "
+            f"started: {now['file']} had sha256 {str(saved.get('sha256'))[:12]}…, now "
+            f"{str(now['sha256'])[:12]}…. Restore that file, or pass --overwrite instead of "
+            "--resume to start afresh.")
 
 
 def resume_state(workdir: Path, cfg: config_lib.RunConfig, template):

@@ -173,7 +173,8 @@ CASES = [
     train("eos_band-not-numbers", "--eos_band=low,high",
           expect=["--eos_band=low,high", "two numbers"]),
     train("dataset-unknown", "--dataset=imagenet", expect=["--dataset=imagenet", "fashion_mnist"]),
-    train("model-unknown", "--model=transformer", expect=["--model=transformer", "<cnn|mlp>"]),
+    train("model-unknown", "--model=transformer",
+          expect=["--model='transformer'", "['cnn', 'mlp']", "path/to/file.py:callable"]),
     train("activation-unknown", "--activation=swish", expect=["--activation=swish", "tanh"]),
     train("loss-unknown", "--loss=hinge", expect=["--loss=hinge", "cross_entropy"]),
     train("optimizer-unknown", "--optimizer=lbfgs", expect=["--optimizer=lbfgs", "adam"]),
@@ -224,6 +225,35 @@ CASES = [
           expect=["--data_dir=", "(99,)", "expected (n, rows, cols) and (n,)"]),
     train("fmnist-label-out-of-range", *FMNIST, setup="fmnist:bad_labels",
           expect=["--data_dir=", "label 12", "expected 0..9"]),
+    # --- the driver: plug-in models (README: Your own model and data) ---------------------
+    train("model-module-does-not-import", "--model=no_such_package.nets:make",
+          expect=["--model=no_such_package.nets:make", "does not import",
+                  "ModuleNotFoundError", "no_such_package"]),
+    train("model-file-does-not-import", "--model={d}/broken.py:make", setup="plugins",
+          expect=["--model=<root>/data/broken.py:make", "does not import", "ModuleNotFoundError",
+                  "not_installed_anywhere"]),
+    train("model-callable-missing", "--model={d}/nets.py:nope", setup="plugins",
+          expect=["--model=<root>/data/nets.py:nope", "no callable 'nope'"]),
+    train("model-returns-no-module", "--model={d}/nets.py:not_a_module", setup="plugins",
+          expect=["--model=<root>/data/nets.py:not_a_module", "returned a dict",
+                  "not a Flax Module"]),
+    train("model-outputs-wrong-classes", "--model={d}/nets.py:three_outputs", setup="plugins",
+          expect=["--model=<root>/data/nets.py:three_outputs", "shape (2, 3)",
+                  "expected (2, 10)"]),
+    train("model_kwargs-not-json", "--model=lossland.models:make_mlp", "--model_kwargs={{width",
+          expect=["--model_kwargs='{width'", "not JSON"]),
+    train("model_kwargs-unknown-argument", "--model=lossland.models:make_mlp",
+          '--model_kwargs={{"widht": 4}}',
+          expect=["""--model_kwargs='{"widht": 4}'""", "widht", "f(input_shape=..."]),
+    train("model_kwargs-for-builtin", '--model_kwargs={{"width": 4}}',
+          expect=["--model_kwargs=", "--model=mlp", "Drop --model_kwargs"]),
+    train("model-dropout-linen", "--model={d}/nets.py:dropout", setup="plugins",
+          expect=["--model=<root>/data/nets.py:dropout", "random", "deterministic"]),
+    train("model-dropout-nnx", "--model={d}/nets.py:nnx_dropout", setup="plugins",
+          expect=["--model=<root>/data/nets.py:nnx_dropout", "random", "deterministic"]),
+    train("resume-model-file-changed", "--resume", "--model={d}/nets.py:tiny",
+          setup="plugins:finished",
+          expect=["--resume", "--model=<root>/data/nets.py:tiny changed", "--overwrite"]),
     # --- experiments.sweep_n -----------------------------------------------------------------
     sweep("n_values-zero", "--n_values=0,64", expect=["--n_values=[0, 64]", "positive"]),
     sweep("n_values-not-integers", "--n_values=a,b", expect=["--n_values=a,b", "integers"]),
@@ -330,6 +360,60 @@ def _fake_fashion_mnist(folder: Path, kind: str) -> None:
         raise ValueError(kind)
 
 
+PLUGIN_NETS = """
+import flax.linen as nn
+from flax import nnx
+
+class Dense(nn.Module):
+    features: int
+    rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Dense(8)(x)
+        if self.rate:
+            x = nn.Dropout(self.rate, deterministic=not train)(x)
+        return nn.Dense(self.features)(x)
+
+class NnxDropout(nnx.Module):
+    def __init__(self, num_classes, rngs):
+        self.dense = nnx.Linear(20, num_classes, rngs=rngs)
+        self.dropout = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x):
+        return self.dropout(self.dense(x))
+
+def tiny(input_shape, num_classes):
+    return Dense(num_classes)
+
+def not_a_module(input_shape, num_classes):
+    return {"layers": 2}
+
+def three_outputs(input_shape, num_classes):
+    return Dense(3)
+
+def dropout(input_shape, num_classes):
+    return Dense(num_classes, rate=0.1)
+
+def nnx_dropout(input_shape, num_classes, rngs):
+    return NnxDropout(num_classes, rngs)
+"""
+
+
+def _plugin_files(folder: Path) -> None:
+    folder.mkdir(exist_ok=True)
+    (folder / "nets.py").write_text(PLUGIN_NETS)
+    (folder / "broken.py").write_text("import not_installed_anywhere\n")
+
+
+def _finished_plugin_run(workdir: Path, data: Path) -> None:
+    """A finished 2-step run of nets.py:tiny, whose file is then edited."""
+    result = run_module("experiments.train", *TINY, "--steps=2", f"--model={data}/nets.py:tiny",
+                        f"--workdir={workdir}")
+    assert result.returncode == 0, result.stderr
+    (data / "nets.py").write_text(PLUGIN_NETS.replace("nn.Dense(8)", "nn.Dense(9)"))
+
+
 def prepare(case: Case, root: Path, finished: Path | None) -> dict:
     """Builds the case's folder under root; returns the placeholders of its args."""
     root.mkdir(parents=True, exist_ok=True)
@@ -347,6 +431,11 @@ def prepare(case: Case, root: Path, finished: Path | None) -> dict:
         workdir.mkdir()
         shutil.copy2(finished / records.CONFIG_FILE, workdir / records.CONFIG_FILE)
         (workdir / records.CHECKPOINT_DIR).mkdir()
+    elif case.setup == "plugins":
+        _plugin_files(places["d"])
+    elif case.setup == "plugins:finished":
+        _plugin_files(places["d"])
+        _finished_plugin_run(workdir, places["d"])
     elif case.setup.startswith("fmnist:"):
         _fake_fashion_mnist(places["d"], case.setup.split(":", 1)[1])
     elif case.setup != "absent":

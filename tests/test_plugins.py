@@ -1,0 +1,62 @@
+"""Plug-in models in the driver: `--model=pkg.module:callable` and `path/file.py:callable`."""
+
+import json
+import textwrap
+
+import pytest
+
+from lossland import config as config_lib, records, runner
+
+TINY = dict(dataset="gaussian_mixture", n_train=64, steps=4, log_every=1, plots=False,
+            track_every=2, track_k=2, lanczos_iters=10, checkpoint_every=2)
+
+LINEN_FILE = textwrap.dedent("""
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        width: int
+        num_classes: int
+
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(self.num_classes)(nn.tanh(nn.Dense(self.width)(x)))
+
+    def make(input_shape, num_classes, width=8):
+        return Net(width=width, num_classes=num_classes)
+""")
+
+
+def _rows(workdir):
+    return [{k: v for k, v in r.items() if k not in runner.TIMING_KEYS}
+            for r in records.read_metrics(workdir)]
+
+
+def test_plugin_mlp_records_equal_builtin_bitwise(tmp_path):
+    """The plug-in path costs nothing: the built-in MLP through it gives the same records."""
+    builtin = config_lib.RunConfig(**TINY, model="mlp", width=16, depth=1,
+                                   workdir=str(tmp_path / "builtin"))
+    plugin = config_lib.RunConfig(**TINY, model="lossland.models:make_mlp",
+                                  model_kwargs='{"width": 16, "depth": 1}',
+                                  workdir=str(tmp_path / "plugin"))
+    for cfg in (builtin, plugin):
+        assert runner.run(cfg, progress=False).status == "finished"
+    rows = _rows(tmp_path / "builtin")
+    assert len(rows) == 5 and "eigenvalues" in rows[0]
+    assert _rows(tmp_path / "plugin") == rows
+    source = json.loads((tmp_path / "plugin" / "config.json").read_text())["model_source"]
+    assert source["spec"] == "lossland.models:make_mlp"
+    assert source["file"].endswith("families.py") and len(source["sha256"]) == 64
+
+
+def test_resume_refuses_a_changed_model_file(tmp_path):
+    model_file = tmp_path / "mynet.py"
+    model_file.write_text(LINEN_FILE)
+    cfg = config_lib.RunConfig(**{**TINY, "steps": 2}, model=f"{model_file}:make",
+                               model_kwargs='{"width": 4}', workdir=str(tmp_path / "run"))
+    assert runner.run(cfg, progress=False).status == "finished"
+    assert not (tmp_path / "__pycache__").exists()   # importing the file wrote nothing there
+    model_file.write_text(LINEN_FILE.replace("nn.tanh", "nn.relu"))
+    with pytest.raises(config_lib.ConfigError, match=f"--model={model_file}:make changed"):
+        runner.run(cfg.replace(steps=4, resume=True), progress=False)
+    model_file.write_text(LINEN_FILE)   # restored: the resume goes on
+    assert runner.run(cfg.replace(steps=4, resume=True), progress=False).status == "finished"
