@@ -22,7 +22,9 @@ def define_run_flags(**default_overrides) -> None:
     """Defines every RunConfig flag (defaults may be overridden per driver)."""
     d = _DEFAULTS.replace(**default_overrides)
     # Data
-    flags.DEFINE_enum("dataset", d.dataset, sorted(data_lib.DATASETS), "Dataset.")
+    flags.DEFINE_string("dataset", d.dataset, f"Dataset: {', '.join(sorted(data_lib.DATASETS))}"
+                        ", or your own: path/to/file.npz (x, y[, x_test, y_test, num_classes]) "
+                        "or package.module:callable returning those arrays.")
     flags.DEFINE_string("data_dir", d.data_dir, "Folder with the dataset files (fashion_mnist: "
                         f"defaults to {data_lib.DEFAULT_FASHION_MNIST_DIR}; mnist, cifar10: "
                         "required).")

@@ -102,8 +102,9 @@ def _require(condition: bool, flag: str, value, allowed: str, fix: str = "") -> 
 
 def validate(cfg: RunConfig) -> None:
     """Checks every setting; raises ConfigError on the first bad one."""
-    _require(cfg.dataset in data_lib.DATASETS, "dataset", cfg.dataset,
-             f"choose one of {sorted(data_lib.DATASETS)}")
+    _require(cfg.dataset in data_lib.DATASETS or data_lib.plugin.is_plugin(cfg.dataset),
+             "dataset", cfg.dataset, f"choose one of {sorted(data_lib.DATASETS)}, or a plug-in "
+             "path/to/file.npz or package.module:callable")
     _require(cfg.model in models.MODELS or models.is_plugin(cfg.model), "model", cfg.model,
              f"choose one of {sorted(models.MODELS)}, or a plug-in package.module:callable or "
              "path/to/file.py:callable")
@@ -120,8 +121,8 @@ def validate(cfg: RunConfig) -> None:
     _require(cfg.matmul_precision in MATMUL_PRECISIONS, "matmul_precision",
              cfg.matmul_precision, f"choose one of {list(MATMUL_PRECISIONS)}")
     _require(cfg.n_train > 0, "n_train", cfg.n_train, "the number of examples must be > 0")
-    info = data_lib.DATASETS[cfg.dataset]
-    available = info.size["train"]
+    info = data_lib.DATASETS.get(cfg.dataset)   # a plug-in's size is checked once it is read
+    available = info.size["train"] if info else None
     _require(available is None or cfg.n_train <= available, "n_train", cfg.n_train,
              f"{cfg.dataset} has {available} training examples", f"Use --n_train<={available}.")
     _require(cfg.input_dim > 0, "input_dim", cfg.input_dim, "must be > 0")

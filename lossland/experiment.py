@@ -65,6 +65,11 @@ def validate_model_bounds(cfg: config_lib.RunConfig) -> data_lib.DatasetInfo:
     Returns the dataset's info (input shape, classes).
     """
     info = data_lib.dataset_info(cfg.dataset, cfg.input_dim, cfg.num_classes)
+    available = info.size["train"]
+    if available is not None and cfg.n_train > available:
+        raise config_lib.ConfigError(f"--n_train={cfg.n_train} is not allowed: --dataset="
+                                     f"{cfg.dataset} holds {available} training examples. "
+                                     f"Use --n_train<={available}.")
     try:
         num_params = models.count_params(cfg.model, info.input_shape, info.num_classes,
                                          width=cfg.width, depth=cfg.depth,

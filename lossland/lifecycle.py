@@ -143,8 +143,11 @@ def check_resume(workdir: Path, cfg: config_lib.RunConfig) -> None:
 
 
 def sources(exp) -> dict:
-    """config.json's record of where a plug-in model came from: {"model_source": ...} or {}."""
-    return {"model_source": exp.model.source} if exp.model.source else {}
+    """config.json's record of where plug-ins came from: {"model_source", "dataset_source"}."""
+    from lossland import data as data_lib
+    found = {"model_source": exp.model.source,
+             "dataset_source": data_lib.source(exp.cfg.dataset, exp.cfg.num_classes)}
+    return {key: value for key, value in found.items() if value}
 
 
 def check_sources_unchanged(workdir: Path, cfg: config_lib.RunConfig) -> None:

@@ -35,6 +35,7 @@ import gzip
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import stat
@@ -172,7 +173,8 @@ CASES = [
     train("eos_band-one-number", "--eos_band=0.9", expect=["--eos_band='0.9'", "two numbers"]),
     train("eos_band-not-numbers", "--eos_band=low,high",
           expect=["--eos_band=low,high", "two numbers"]),
-    train("dataset-unknown", "--dataset=imagenet", expect=["--dataset=imagenet", "fashion_mnist"]),
+    train("dataset-unknown", "--dataset=imagenet",
+          expect=["--dataset='imagenet'", "fashion_mnist", "path/to/file.npz"]),
     train("model-unknown", "--model=transformer",
           expect=["--model='transformer'", "['cnn', 'mlp']", "path/to/file.py:callable"]),
     train("activation-unknown", "--activation=swish", expect=["--activation=swish", "tanh"]),
@@ -254,6 +256,25 @@ CASES = [
     train("resume-model-file-changed", "--resume", "--model={d}/nets.py:tiny",
           setup="plugins:finished",
           expect=["--resume", "--model=<root>/data/nets.py:tiny changed", "--overwrite"]),
+    # --- the driver: plug-in data and data files that would run code ---------------------
+    train("npz-lacks-y", "--dataset={d}/mine.npz", setup="npz:no_y",
+          expect=["--dataset=<root>/data/mine.npz", "lacks y"]),
+    train("npz-lacks-x", "--dataset={d}/mine.npz", setup="npz:no_x",
+          expect=["--dataset=<root>/data/mine.npz", "lacks x"]),
+    train("npz-labels-out-of-range", "--dataset={d}/mine.npz", setup="npz:label_10",
+          expect=["--dataset=<root>/data/mine.npz", "label 10", "[0, 10)", "--num_classes"]),
+    train("npz-nan-inputs", "--dataset={d}/mine.npz", setup="npz:nan",
+          expect=["--dataset=<root>/data/mine.npz", "NaN", "finite"]),
+    train("npz-fewer-examples-than-n_train", "--dataset={d}/mine.npz", setup="npz:small",
+          expect=["--n_train=64", "--dataset=<root>/data/mine.npz", "holds 32",
+                  "Use --n_train<=32"]),
+    train("npz-object-arrays", "--dataset={d}/mine.npz", setup="npz:objects",
+          expect=["--dataset=<root>/data/mine.npz", "without running code"]),
+    train("dataset-callable-missing", "--dataset={d}/nets.py:no_data", setup="plugins",
+          expect=["--dataset=<root>/data/nets.py:no_data", "no callable 'no_data'"]),
+    train("cifar10-pickle-runs-code", "--dataset=cifar10", "--data_dir={d}", setup="cifar:evil",
+          expect=["cifar10: refused <root>/data/data_batch_1", "posix.mkdir",
+                  "must not run code"]),
     # --- experiments.sweep_n -----------------------------------------------------------------
     sweep("n_values-zero", "--n_values=0,64", expect=["--n_values=[0, 64]", "positive"]),
     sweep("n_values-not-integers", "--n_values=a,b", expect=["--n_values=a,b", "integers"]),
@@ -400,6 +421,31 @@ def nnx_dropout(input_shape, num_classes, rngs):
 """
 
 
+class _MakesADirectory:
+    """A crafted pickle: loading it calls os.mkdir(marker)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def _data_files(folder: Path, kind: str) -> None:
+    """An .npz broken one way (or a CIFAR-10 batch that would run code) in folder."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(100, 20)), rng.integers(0, 10, 100)
+    arrays = {"no_y": dict(x=x), "no_x": dict(y=y), "label_10": dict(x=x, y=y + 1),
+              "nan": dict(x=np.where(x > 2, np.nan, x), y=y), "small": dict(x=x[:32], y=y[:32]),
+              "objects": dict(x=np.array([None] * 100, dtype=object), y=y)}
+    if kind == "evil":   # cifar: the batch's data would create root/pwned
+        batch = {b"data": _MakesADirectory(folder.parent / "pwned"), b"labels": [0]}
+        (folder / "data_batch_1").write_bytes(pickle.dumps(batch, protocol=2))
+    else:
+        np.savez(folder / "mine.npz", **arrays[kind])
+
+
 def _plugin_files(folder: Path) -> None:
     folder.mkdir(exist_ok=True)
     (folder / "nets.py").write_text(PLUGIN_NETS)
@@ -436,6 +482,8 @@ def prepare(case: Case, root: Path, finished: Path | None) -> dict:
     elif case.setup == "plugins:finished":
         _plugin_files(places["d"])
         _finished_plugin_run(workdir, places["d"])
+    elif case.setup.startswith(("npz:", "cifar:")):
+        _data_files(places["d"], case.setup.split(":", 1)[1])
     elif case.setup.startswith("fmnist:"):
         _fake_fashion_mnist(places["d"], case.setup.split(":", 1)[1])
     elif case.setup != "absent":

@@ -19,12 +19,13 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
-import pickle
 import struct
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from lossland.data import plugin, safe_pickle
 
 SPLITS = ("train", "test")
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -182,9 +183,13 @@ def _cifar10(split, data_dir):
                             "from the python version of CIFAR-10 in --data_dir.")
         try:
             with open(path, "rb") as f:
-                batch = pickle.load(f, encoding="bytes")
+                batch = safe_pickle.load(f)
             data = np.asarray(batch[b"data"], dtype=np.uint8)
             labels = np.asarray(batch[b"labels"], dtype=np.int32)
+        except safe_pickle.UnsafePickleError as e:
+            raise DataError(f"cifar10: refused {path}: {e}. A data file must not run code, "
+                            "so only numpy arrays, dicts, lists and bytes are read; replace "
+                            "it with the official file from cifar-10-python.tar.gz.") from None
         except Exception as e:  # pickle raises many kinds on corrupt input
             raise DataError(f"cifar10: cannot read {path}: {e!r}. The file is corrupt.") from e
         if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
@@ -322,7 +327,17 @@ _FINITE_LOADERS: dict[str, Callable] = {
 
 def dataset_info(name: str, input_dim: int | None = None,
                  num_classes: int | None = None) -> DatasetInfo:
-    """The registry entry for `name`, with the synthetic sizes filled in."""
+    """The registry entry for `name`, with the synthetic sizes filled in.
+
+    A plug-in (`file.npz`, `module:callable`) is read and checked here, once
+    per process: its sizes and classes come from its arrays.
+    """
+    if plugin.is_plugin(name):
+        arrays = plugin.load_arrays(name, num_classes or 10, DataError)
+        return DatasetInfo(name, arrays.num_classes, tuple(arrays.x.shape[1:]),
+                           {"train": arrays.x.shape[0],
+                            "test": 0 if arrays.x_test is None else arrays.x_test.shape[0]},
+                           f"plug-in dataset {name}")
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}.")
     info = DATASETS[name]
@@ -331,6 +346,13 @@ def dataset_info(name: str, input_dim: int | None = None,
             info, input_shape=(input_dim or info.input_shape[0],),
             num_classes=num_classes or info.num_classes)
     return info
+
+
+def source(name: str, num_classes: int | None = None) -> dict | None:
+    """Where a plug-in dataset came from ({spec, file, sha256}) for config.json; None otherwise."""
+    if not plugin.is_plugin(name):
+        return None
+    return plugin.load_arrays(name, num_classes or 10, DataError).source
 
 
 def standardize(x: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -368,6 +390,9 @@ def load(name: str, n: int, seed: int = 0, data_dir: str | None = None,
         raise DataError(f"n={n!r} examples asked of {name}; n must be a positive integer.")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise DataError(f"--seed={seed!r} is not allowed: seeds are integers >= 0.")
+    if plugin.is_plugin(name):   # used as given: no standardization
+        arrays = plugin.load_arrays(name, info.num_classes, DataError)
+        return plugin.subset(arrays, n, seed, split, DataError)
     if name in SYNTHETIC:
         x, y, reference = _synthetic(name, split, n, seed, info.input_shape[0], info.num_classes)
     elif name == "mnist1d":
@@ -396,6 +421,6 @@ def check_files(name: str, data_dir: str | None = None, split: str = "train") ->
     sweeps): the same existence, size and shape checks as `load`, at start-up.
     Generated datasets have no files and pass.
     """
-    dataset_info(name)
+    dataset_info(name)   # a plug-in is read and checked here
     if name in _FINITE_LOADERS:
         _FINITE_LOADERS[name](split, data_dir)
