@@ -253,6 +253,10 @@ CASES = [
           expect=["--model=<root>/data/nets.py:dropout", "random", "deterministic"]),
     train("model-dropout-nnx", "--model={d}/nets.py:nnx_dropout", setup="plugins",
           expect=["--model=<root>/data/nets.py:nnx_dropout", "random", "deterministic"]),
+    train("model-batchnorm-chunk-with-padding", "--model={d}/nets.py:batchnorm",
+          "--chunk_size=48", setup="plugins",
+          expect=["--chunk_size=48", "--n_train=64", "batch statistics",
+                  "--chunk_size dividing --n_train"]),
     train("resume-model-file-changed", "--resume", "--model={d}/nets.py:tiny",
           setup="plugins:finished",
           expect=["--resume", "--model=<root>/data/nets.py:tiny changed", "--overwrite"]),
@@ -404,8 +408,19 @@ class NnxDropout(nnx.Module):
     def __call__(self, x):
         return self.dropout(self.dense(x))
 
+class Normalized(nn.Module):
+    features: int
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x))
+        return nn.Dense(self.features)(x)
+
 def tiny(input_shape, num_classes):
     return Dense(num_classes)
+
+def batchnorm(input_shape, num_classes):
+    return Normalized(num_classes)
 
 def not_a_module(input_shape, num_classes):
     return {"layers": 2}

@@ -60,3 +60,37 @@ def test_resume_refuses_a_changed_model_file(tmp_path):
         runner.run(cfg.replace(steps=4, resume=True), progress=False)
     model_file.write_text(LINEN_FILE)   # restored: the resume goes on
     assert runner.run(cfg.replace(steps=4, resume=True), progress=False).status == "finished"
+
+
+NNX_BN_FILE = textwrap.dedent("""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, din, width, num_classes, rngs):
+            self.l1 = nnx.Linear(din, width, rngs=rngs)
+            self.bn = nnx.BatchNorm(width, rngs=rngs)
+            self.l2 = nnx.Linear(width, num_classes, rngs=rngs)
+
+        def __call__(self, x, train: bool):
+            return self.l2(jnp.tanh(self.bn(self.l1(x))))
+
+    def make(input_shape, num_classes, rngs, width=8):
+        return Net(input_shape[0], width, num_classes, rngs)
+""")
+
+
+def test_driver_tracks_an_nnx_batchnorm_plugin(tmp_path):
+    """An NNX BatchNorm net in the driver: ghost batches of 32, tracked, checkpointed."""
+    model_file = tmp_path / "nnx_bn.py"
+    model_file.write_text(NNX_BN_FILE)
+    cfg = config_lib.RunConfig(**{**TINY, "steps": 3}, model=f"{model_file}:make",
+                               model_kwargs='{"width": 6}', chunk_size=32,
+                               workdir=str(tmp_path / "run"))
+    assert runner.run(cfg, progress=False).status == "finished"
+    rows = records.read_metrics(tmp_path / "run")
+    tracked = [r for r in rows if "eigenvalues" in r]
+    assert [r["step"] for r in tracked] == [0, 2, 3]   # and the final row
+    assert all(len(r["eigenvalues"]) == 2 and r["eigenvalues"][0] > 0 for r in tracked)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["num_params"] == (20 * 6 + 6) + 2 * 6 + (6 * 10 + 10)

@@ -27,7 +27,18 @@ from lossland.models.families import ACTIVATIONS, CNN, MLP, MODELS, make_cnn, ma
 from lossland.models.plugin import ModelError, is_plugin, load_factory
 
 __all__ = ["ACTIVATIONS", "CNN", "MLP", "MODELS", "Model", "ModelError", "build_model",
-           "count_params", "is_plugin", "load_factory", "make_cnn", "make_mlp"]
+           "count_params", "describe", "is_plugin", "load_factory", "make_cnn", "make_mlp"]
+
+
+def describe(name: str, input_shape: Sequence[int], num_classes: int, *, width: int,
+             depth: int, activation: str, model_kwargs: str = "") -> tuple[int, bool]:
+    """(P, has state) from shapes alone: `count_params` and whether the model carries
+    non-param variables (BatchNorm statistics; the built-in families never do)."""
+    if is_plugin(name):
+        from lossland.models import plugin
+        return plugin.check(name, model_kwargs, input_shape, num_classes)
+    return count_params(name, input_shape, num_classes, width=width, depth=depth,
+                        activation=activation), False
 
 
 def count_params(name: str, input_shape: Sequence[int], num_classes: int, *, width: int,
@@ -41,7 +52,7 @@ def count_params(name: str, input_shape: Sequence[int], num_classes: int, *, wid
     """
     if is_plugin(name):
         from lossland.models import plugin
-        return plugin.check(name, model_kwargs, input_shape, num_classes)
+        return plugin.check(name, model_kwargs, input_shape, num_classes)[0]
     module = MODELS[name](width=width, depth=depth, num_classes=num_classes,
                           activation=activation)
     shapes = jax.eval_shape(

@@ -194,7 +194,7 @@ class _Linen:
 class _Nnx:
     """An NNX module split into graph definitions (one per mode), params and state.
 
-    Params and state travel as plain nested dicts (`State.to_pure_dict`), so
+    Params and state travel as plain nested dicts (`nnx.to_pure_dict`), so
     optax, orbax and `ravel_pytree` see ordinary pytrees.
     """
 
@@ -204,7 +204,7 @@ class _Nnx:
         self.graph_train, params, rest = nnx.split(module, nnx.Param, ...)
         module.eval()
         self.graph_eval = nnx.split(module, nnx.Param, ...)[0]
-        self.params, self.state = params.to_pure_dict(), rest.to_pure_dict()
+        self.params, self.state = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
         self.params_def = jax.tree_util.tree_structure(params)
         self.state_def = jax.tree_util.tree_structure(rest)
 
@@ -222,7 +222,7 @@ class _Nnx:
     def train_call(self, params, state, x):
         module = self._merge(self.graph_train, params, state)
         out = self._call(module, x, True)
-        return out, nnx.split(module, nnx.Param, ...)[2].to_pure_dict()
+        return out, nnx.to_pure_dict(nnx.split(module, nnx.Param, ...)[2])
 
     def eval_call(self, params, state, x):
         return self._call(self._merge(self.graph_eval, params, state), x, False)
@@ -231,7 +231,7 @@ class _Nnx:
 def _has_nnx_randomness(module: nnx.Module) -> bool:
     if jax.tree_util.tree_leaves(nnx.state(module, nnx.RngState)):
         return True
-    return any(isinstance(m, nnx.Dropout) for _, m in module.iter_modules())
+    return any(isinstance(m, nnx.Dropout) for _, m in nnx.iter_modules(module))
 
 
 def _wrap(module):
@@ -242,8 +242,11 @@ def _count(tree) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree))
 
 
-def check(spec: str, kwargs_text: str, input_shape: Sequence[int], num_classes: int) -> int:
-    """Every start-up check of a plug-in, traced only; returns its parameter count P.
+def check(spec: str, kwargs_text: str, input_shape: Sequence[int], num_classes: int
+          ) -> tuple[int, bool]:
+    """Every start-up check of a plug-in, traced only; returns (P, has state).
+
+    "Has state": non-param variables such as BatchNorm's running statistics.
 
     Refuses (ModelError): an import error, a missing callable, a result that is
     not a Module, --model_kwargs that are not JSON or name no argument, outputs
@@ -276,7 +279,7 @@ def check(spec: str, kwargs_text: str, input_shape: Sequence[int], num_classes: 
             raise ModelError(f"--model={spec}: its {name}-mode outputs have shape {shape} for "
                              f"a batch of 2; expected (2, {num_classes}), one output per class "
                              f"of the dataset ({num_classes} classes).")
-    return _count(params)
+    return _count(params), bool(jax.tree_util.tree_leaves(state))
 
 
 def _factory_wants_rngs(spec: str) -> bool:
