@@ -151,21 +151,25 @@ def sources(exp) -> dict:
 
 
 def check_sources_unchanged(workdir: Path, cfg: config_lib.RunConfig) -> None:
-    """Refuses --resume when the file of the saved run's plug-in model changed (by sha256)."""
-    from lossland import models
-    saved = json.loads((workdir / records.CONFIG_FILE).read_text()).get("model_source")
-    if not saved or not models.is_plugin(cfg.model) or saved.get("spec") != cfg.model:
-        return  # no plug-in then, or another --model now (config_changes names it)
-    try:
-        now = models.load_factory(cfg.model)[1]
-    except models.ModelError as e:
-        raise config_lib.ConfigError(f"--resume: {e}") from None
-    if now["sha256"] != saved.get("sha256"):
-        raise config_lib.ConfigError(
-            f"--resume: the model --model={cfg.model} changed since the run in {workdir} "
-            f"started: {now['file']} had sha256 {str(saved.get('sha256'))[:12]}…, now "
-            f"{str(now['sha256'])[:12]}…. Restore that file, or pass --overwrite instead of "
-            "--resume to start afresh.")
+    """Refuses --resume when the file of the saved run's plug-in model or data changed (sha256)."""
+    from lossland import data as data_lib, models
+    saved = json.loads((workdir / records.CONFIG_FILE).read_text())
+    current = {"model": lambda: models.load_factory(cfg.model)[1],
+               "dataset": lambda: data_lib.source(cfg.dataset, cfg.num_classes)}
+    for flag, source_now in current.items():
+        before, spec = saved.get(f"{flag}_source"), getattr(cfg, flag)
+        if not before or before.get("spec") != spec:
+            continue  # no plug-in then, or another one now (config_changes names it)
+        try:
+            now = source_now()
+        except (models.ModelError, data_lib.DataError) as e:
+            raise config_lib.ConfigError(f"--resume: {e}") from None
+        if now["sha256"] != before.get("sha256"):
+            raise config_lib.ConfigError(
+                f"--resume: the {flag} --{flag}={spec} changed since the run in {workdir} "
+                f"started: {now['file']} had sha256 {str(before.get('sha256'))[:12]}…, now "
+                f"{str(now['sha256'])[:12]}…. Restore that file, or pass --overwrite instead "
+                "of --resume to start afresh.")
 
 
 def resume_state(workdir: Path, cfg: config_lib.RunConfig, template):

@@ -85,6 +85,11 @@ def test_driver_trains_on_an_npz(tmp_path):
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["n_train"] == 64 and config["dataset_source"]["file"] == str(path)
     assert len(config["dataset_source"]["sha256"]) == 64
+    # Other arrays in the same file: --resume refuses, naming it.
+    x, y = data_lib.load("mnist1d", 96, seed=1)
+    np.savez(path, x=x, y=y)
+    with pytest.raises(config_lib.ConfigError, match=f"--dataset={path} changed"):
+        runner.run(cfg.replace(steps=5, resume=True), progress=False)
 
 
 # ----------------------------------------------------------------------------
