@@ -94,3 +94,44 @@ def test_driver_tracks_an_nnx_batchnorm_plugin(tmp_path):
     assert all(len(r["eigenvalues"]) == 2 and r["eigenvalues"][0] > 0 for r in tracked)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["num_params"] == (20 * 6 + 6) + 2 * 6 + (6 * 10 + 10)
+
+
+NNX_DEEP_FILE = textwrap.dedent("""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    class Deep(nnx.Module):     # 12 listed layers: keys 0..11 must keep their order
+        def __init__(self, din, num_classes, rngs):
+            dims = [din] + [3 + i for i in range(12)]
+            self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs)
+                                    for a, b in zip(dims[:-1], dims[1:])])
+            self.out = nnx.Linear(dims[-1], num_classes, rngs=rngs)
+
+        def __call__(self, x):
+            for layer in self.layers:
+                x = jnp.tanh(layer(x))
+            return self.out(x)
+
+    def make(input_shape, num_classes, rngs):
+        return Deep(input_shape[0], num_classes, rngs)
+""")
+
+
+def test_nnx_pure_apply_equals_the_module_call(tmp_path):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from lossland import models
+    from lossland.models import plugin
+
+    model_file = tmp_path / "deep.py"
+    model_file.write_text(NNX_DEEP_FILE)
+    spec = f"{model_file}:make"
+    model = models.build_model(spec, (4,), 3, key=jax.random.key(0))
+    module = plugin.load_factory(spec)[0]((4,), 3, nnx.Rngs(jax.random.key(0)))
+    x = jax.random.normal(jax.random.key(1), (5, 4))
+    assert jnp.array_equal(model.apply(model.params, x), module(x))
+    assert model.num_params == models.count_params(spec, (4,), 3, width=0, depth=0,
+                                                   activation="relu") == 1061
+    assert list(model.params["layers"]) == list(range(12))

@@ -207,6 +207,14 @@ class _Nnx:
         self.params, self.state = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
         self.params_def = jax.tree_util.tree_structure(params)
         self.state_def = jax.tree_util.tree_structure(rest)
+        # `_merge` rebuilds States from the dicts' leaves: both must flatten in one order.
+        for pure, treedef in ((self.params, self.params_def), (self.state, self.state_def)):
+            leaves = jax.tree_util.tree_leaves(pure)
+            rebuilt = jax.tree_util.tree_leaves(nnx.to_pure_dict(
+                jax.tree_util.tree_unflatten(treedef, leaves)))
+            if any(a is not b for a, b in zip(rebuilt, leaves)):
+                raise ModelError("an NNX State and its pure dict flatten in different orders; "
+                                 "please report this with your model.")
 
     def init(self, key, dummy):
         return self.params, self.state
