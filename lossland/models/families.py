@@ -76,7 +76,7 @@ def make_mlp(input_shape: Sequence[int], num_classes: int, width: int = 256, dep
     return MLP(width=width, depth=depth, num_classes=num_classes, activation=activation)
 
 
-def make_cnn(input_shape: Sequence[int], num_classes: int, width: int = 32, depth: int = 2,
+def make_cnn(input_shape: Sequence[int], num_classes: int, width: int = 256, depth: int = 2,
              activation: str = "relu") -> CNN:
     """The built-in CNN as a plug-in factory."""
     del input_shape
