@@ -22,7 +22,9 @@ def define_run_flags(**default_overrides) -> None:
     """Defines every RunConfig flag (defaults may be overridden per driver)."""
     d = _DEFAULTS.replace(**default_overrides)
     # Data
-    flags.DEFINE_enum("dataset", d.dataset, sorted(data_lib.DATASETS), "Dataset.")
+    flags.DEFINE_string("dataset", d.dataset, f"Dataset: {', '.join(sorted(data_lib.DATASETS))}"
+                        ", or your own: path/to/file.npz (x, y[, x_test, y_test, num_classes]) "
+                        "or package.module:callable returning those arrays.")
     flags.DEFINE_string("data_dir", d.data_dir, "Folder with the dataset files (fashion_mnist: "
                         f"defaults to {data_lib.DEFAULT_FASHION_MNIST_DIR}; mnist, cifar10: "
                         "required).")
@@ -33,7 +35,12 @@ def define_run_flags(**default_overrides) -> None:
     flags.DEFINE_integer("num_classes", d.num_classes, "Classes (synthetic datasets only).",
                          lower_bound=2)
     # Model
-    flags.DEFINE_enum("model", d.model, sorted(models.MODELS), "Model family.")
+    flags.DEFINE_string("model", d.model, f"Model: a family ({', '.join(sorted(models.MODELS))})"
+                        ", or your own Flax linen/NNX Module from package.module:callable or "
+                        "path/to/file.py:callable, called as f(input_shape=..., num_classes="
+                        "..., **model_kwargs) (README: Your own model and data).")
+    flags.DEFINE_string("model_kwargs", d.model_kwargs, "Plug-in models only: a JSON object of "
+                        """the callable's arguments, e.g. '{"width": 64}'.""")
     flags.DEFINE_integer("width", d.width, "Hidden units (mlp) or channels (cnn).", lower_bound=1)
     flags.DEFINE_integer("depth", d.depth, "Hidden layers (mlp) or conv blocks (cnn).",
                          lower_bound=1)

@@ -38,7 +38,8 @@ class RunConfig:
     input_dim: int = 20          # synthetic datasets only
     num_classes: int = 10        # synthetic datasets only
     # model
-    model: str = "mlp"
+    model: str = "mlp"           # a registry name, or a plug-in: pkg.module:fn, file.py:fn
+    model_kwargs: str = ""       # plug-ins only: a JSON object of the factory's arguments
     width: int = 256
     depth: int = 2
     activation: str = "relu"
@@ -101,9 +102,15 @@ def _require(condition: bool, flag: str, value, allowed: str, fix: str = "") -> 
 
 def validate(cfg: RunConfig) -> None:
     """Checks every setting; raises ConfigError on the first bad one."""
-    _require(cfg.dataset in data_lib.DATASETS, "dataset", cfg.dataset,
-             f"choose one of {sorted(data_lib.DATASETS)}")
-    _require(cfg.model in models.MODELS, "model", cfg.model, f"choose one of {sorted(models.MODELS)}")
+    _require(cfg.dataset in data_lib.DATASETS or data_lib.plugin.is_plugin(cfg.dataset),
+             "dataset", cfg.dataset, f"choose one of {sorted(data_lib.DATASETS)}, or a plug-in "
+             "path/to/file.npz or package.module:callable")
+    _require(cfg.model in models.MODELS or models.is_plugin(cfg.model), "model", cfg.model,
+             f"choose one of {sorted(models.MODELS)}, or a plug-in package.module:callable or "
+             "path/to/file.py:callable")
+    _require(not cfg.model_kwargs or models.is_plugin(cfg.model), "model_kwargs",
+             cfg.model_kwargs, f"the built-in --model={cfg.model} takes --width, --depth and "
+             "--activation; --model_kwargs is for plug-in models", "Drop --model_kwargs.")
     _require(cfg.activation in models.ACTIVATIONS, "activation", cfg.activation,
              f"choose one of {sorted(models.ACTIVATIONS)}")
     _require(cfg.loss in losses.PER_EXAMPLE_LOSSES, "loss", cfg.loss,
@@ -114,8 +121,8 @@ def validate(cfg: RunConfig) -> None:
     _require(cfg.matmul_precision in MATMUL_PRECISIONS, "matmul_precision",
              cfg.matmul_precision, f"choose one of {list(MATMUL_PRECISIONS)}")
     _require(cfg.n_train > 0, "n_train", cfg.n_train, "the number of examples must be > 0")
-    info = data_lib.DATASETS[cfg.dataset]
-    available = info.size["train"]
+    info = data_lib.DATASETS.get(cfg.dataset)   # a plug-in's size is checked once it is read
+    available = info.size["train"] if info else None
     _require(available is None or cfg.n_train <= available, "n_train", cfg.n_train,
              f"{cfg.dataset} has {available} training examples", f"Use --n_train<={available}.")
     _require(cfg.input_dim > 0, "input_dim", cfg.input_dim, "must be > 0")

@@ -65,10 +65,37 @@ def validate_model_bounds(cfg: config_lib.RunConfig) -> data_lib.DatasetInfo:
     Returns the dataset's info (input shape, classes).
     """
     info = data_lib.dataset_info(cfg.dataset, cfg.input_dim, cfg.num_classes)
-    config_lib.validate_for_model(cfg, models.count_params(
-        cfg.model, info.input_shape, info.num_classes, width=cfg.width, depth=cfg.depth,
-        activation=cfg.activation))
+    available = info.size["train"]
+    if available is not None and cfg.n_train > available:
+        raise config_lib.ConfigError(f"--n_train={cfg.n_train} is not allowed: --dataset="
+                                     f"{cfg.dataset} holds {available} training examples. "
+                                     f"Use --n_train<={available}.")
+    try:
+        num_params, has_state = models.describe(
+            cfg.model, info.input_shape, info.num_classes, width=cfg.width, depth=cfg.depth,
+            activation=cfg.activation, model_kwargs=cfg.model_kwargs)
+    except models.ModelError as e:
+        raise config_lib.ConfigError(str(e)) from None
+    config_lib.validate_for_model(cfg, num_params)
+    if has_state:
+        check_whole_chunks(cfg)
     return info
+
+
+def check_whole_chunks(cfg: config_lib.RunConfig) -> None:
+    """A model with batch statistics (BatchNorm) needs chunks without padding rows.
+
+    Its training-mode loss normalizes each chunk with that chunk's statistics
+    (ghost batches); a padding row would enter them. So n must fill whole chunks.
+    """
+    devices = sharding.mesh_size(sharding.make_mesh(cfg.num_devices))
+    chunk, num_chunks = sharding.chunk_layout(cfg.n_train, cfg.chunk_size, devices)
+    if chunk * num_chunks != cfg.n_train:
+        raise config_lib.ConfigError(
+            f"--chunk_size={cfg.chunk_size} is not allowed with --n_train={cfg.n_train} and "
+            f"--model={cfg.model}: the model normalizes with batch statistics, computed per "
+            f"chunk of {chunk} examples, so the last chunk would hold padding rows. Choose "
+            "--chunk_size dividing --n_train (and a multiple of the device count).")
 
 
 def build_experiment(cfg: config_lib.RunConfig) -> Experiment:
@@ -87,7 +114,7 @@ def build_experiment(cfg: config_lib.RunConfig) -> Experiment:
     init_key = jax.random.fold_in(jax.random.key(cfg.seed), 0)
     model = models.build_model(cfg.model, info.input_shape, info.num_classes, width=cfg.width,
                                depth=cfg.depth, activation=cfg.activation, key=init_key,
-                               dtype=dtype)
+                               dtype=dtype, model_kwargs=cfg.model_kwargs)
     model = dataclasses.replace(model, params=sharding.replicate(model.params, mesh))
     # Built shard by shard from the unpadded host arrays: no padded host copy
     # stays resident, so memory grows with the data, not twice the data.

@@ -133,12 +133,43 @@ def check_resume(workdir: Path, cfg: config_lib.RunConfig) -> None:
     """
     if not (workdir / records.CONFIG_FILE).exists():
         return
+    check_sources_unchanged(workdir, cfg)
     changes = config_changes(workdir, cfg)
     if changes:
         raise config_lib.ConfigError(
             f"--resume: flags differ from the run in {workdir}: {describe_changes(changes)}. "
             "Resume with the original flags (only --steps, --checkpoint_every and --plots "
             "may change), or pass --overwrite instead of --resume to start afresh.")
+
+
+def sources(exp) -> dict:
+    """config.json's record of where plug-ins came from: {"model_source", "dataset_source"}."""
+    from lossland import data as data_lib
+    found = {"model_source": exp.model.source,
+             "dataset_source": data_lib.source(exp.cfg.dataset, exp.cfg.num_classes)}
+    return {key: value for key, value in found.items() if value}
+
+
+def check_sources_unchanged(workdir: Path, cfg: config_lib.RunConfig) -> None:
+    """Refuses --resume when the file of the saved run's plug-in model or data changed (sha256)."""
+    from lossland import data as data_lib, models
+    saved = json.loads((workdir / records.CONFIG_FILE).read_text())
+    current = {"model": lambda: models.load_factory(cfg.model)[1],
+               "dataset": lambda: data_lib.source(cfg.dataset, cfg.num_classes)}
+    for flag, source_now in current.items():
+        before, spec = saved.get(f"{flag}_source"), getattr(cfg, flag)
+        if not before or before.get("spec") != spec:
+            continue  # no plug-in then, or another one now (config_changes names it)
+        try:
+            now = source_now()
+        except (models.ModelError, data_lib.DataError) as e:
+            raise config_lib.ConfigError(f"--resume: {e}") from None
+        if now["sha256"] != before.get("sha256"):
+            raise config_lib.ConfigError(
+                f"--resume: the {flag} --{flag}={spec} changed since the run in {workdir} "
+                f"started: {now['file']} had sha256 {str(before.get('sha256'))[:12]}…, now "
+                f"{str(now['sha256'])[:12]}…. Restore that file, or pass --overwrite instead "
+                "of --resume to start afresh.")
 
 
 def resume_state(workdir: Path, cfg: config_lib.RunConfig, template):

@@ -170,6 +170,20 @@ def full_batch_block_gnvp(apply_fn, per_example_loss, params, vectors, data: Chu
     return _scale(reduce_chunks(chunk_fn, data), 1.0 / data.n)
 
 
+def full_batch_model_state(update_state, params, state, data: ChunkedData):
+    """A training step's side output for a model with batch statistics: the new running stats.
+
+    Each chunk is one ghost batch: `update_state(params, state, x_c)` moves the
+    running statistics towards chunk c's, m·s + (1 − m)·stat_c (BatchNorm's
+    momentum m). Their mean over chunks, weighted by real examples, is
+    m·s + (1 − m)·mean_c stat_c: one update per step, with the mean of the
+    ghost-batch statistics the step's loss used.
+    """
+    def chunk_fn(x, y, mask):
+        return _scale(update_state(params, state, x), jnp.sum(mask) / data.n)
+    return reduce_chunks(chunk_fn, data)
+
+
 class Objective:
     """A model, a loss and a chunked dataset, with jitted full-batch kernels.
 

@@ -59,7 +59,7 @@ def run(cfg: config_lib.RunConfig, *, progress: bool = True,
         records.prepare_workdir(workdir, overwrite=cfg.overwrite or cfg.resume)
         records.write_config(workdir, cfg.asdict(), {
             "num_params": exp.model.num_params, "n_train": int(exp.x.shape[0]),
-            "num_devices": sharding.mesh_size(exp.mesh)})
+            "num_devices": sharding.mesh_size(exp.mesh), **lifecycle.sources(exp)})
     distributed.barrier("lossland:workdir-ready")
     return loop.train(exp, workdir, place_state(state, exp.mesh), progress)
 

@@ -35,6 +35,7 @@ import gzip
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import stat
@@ -172,8 +173,10 @@ CASES = [
     train("eos_band-one-number", "--eos_band=0.9", expect=["--eos_band='0.9'", "two numbers"]),
     train("eos_band-not-numbers", "--eos_band=low,high",
           expect=["--eos_band=low,high", "two numbers"]),
-    train("dataset-unknown", "--dataset=imagenet", expect=["--dataset=imagenet", "fashion_mnist"]),
-    train("model-unknown", "--model=transformer", expect=["--model=transformer", "<cnn|mlp>"]),
+    train("dataset-unknown", "--dataset=imagenet",
+          expect=["--dataset='imagenet'", "fashion_mnist", "path/to/file.npz"]),
+    train("model-unknown", "--model=transformer",
+          expect=["--model='transformer'", "['cnn', 'mlp']", "path/to/file.py:callable"]),
     train("activation-unknown", "--activation=swish", expect=["--activation=swish", "tanh"]),
     train("loss-unknown", "--loss=hinge", expect=["--loss=hinge", "cross_entropy"]),
     train("optimizer-unknown", "--optimizer=lbfgs", expect=["--optimizer=lbfgs", "adam"]),
@@ -224,6 +227,58 @@ CASES = [
           expect=["--data_dir=", "(99,)", "expected (n, rows, cols) and (n,)"]),
     train("fmnist-label-out-of-range", *FMNIST, setup="fmnist:bad_labels",
           expect=["--data_dir=", "label 12", "expected 0..9"]),
+    # --- the driver: plug-in models (README: Your own model and data) ---------------------
+    train("model-module-does-not-import", "--model=no_such_package.nets:make",
+          expect=["--model=no_such_package.nets:make", "does not import",
+                  "ModuleNotFoundError", "no_such_package"]),
+    train("model-file-does-not-import", "--model={d}/broken.py:make", setup="plugins",
+          expect=["--model=<root>/data/broken.py:make", "does not import", "ModuleNotFoundError",
+                  "not_installed_anywhere"]),
+    train("model-callable-missing", "--model={d}/nets.py:nope", setup="plugins",
+          expect=["--model=<root>/data/nets.py:nope", "no callable 'nope'"]),
+    train("model-returns-no-module", "--model={d}/nets.py:not_a_module", setup="plugins",
+          expect=["--model=<root>/data/nets.py:not_a_module", "returned a dict",
+                  "not a Flax Module"]),
+    train("model-outputs-wrong-classes", "--model={d}/nets.py:three_outputs", setup="plugins",
+          expect=["--model=<root>/data/nets.py:three_outputs", "shape (2, 3)",
+                  "expected (2, 10)"]),
+    train("model_kwargs-not-json", "--model=lossland.models:make_mlp", "--model_kwargs={{width",
+          expect=["--model_kwargs='{width'", "not JSON"]),
+    train("model_kwargs-unknown-argument", "--model=lossland.models:make_mlp",
+          '--model_kwargs={{"widht": 4}}',
+          expect=["""--model_kwargs='{"widht": 4}'""", "widht", "f(input_shape=..."]),
+    train("model_kwargs-for-builtin", '--model_kwargs={{"width": 4}}',
+          expect=["--model_kwargs=", "--model=mlp", "Drop --model_kwargs"]),
+    train("model-dropout-linen", "--model={d}/nets.py:dropout", setup="plugins",
+          expect=["--model=<root>/data/nets.py:dropout", "random", "deterministic"]),
+    train("model-dropout-nnx", "--model={d}/nets.py:nnx_dropout", setup="plugins",
+          expect=["--model=<root>/data/nets.py:nnx_dropout", "random", "deterministic"]),
+    train("model-batchnorm-chunk-with-padding", "--model={d}/nets.py:batchnorm",
+          "--chunk_size=48", setup="plugins",
+          expect=["--chunk_size=48", "--n_train=64", "batch statistics",
+                  "--chunk_size dividing --n_train"]),
+    train("resume-model-file-changed", "--resume", "--model={d}/nets.py:tiny",
+          setup="plugins:finished",
+          expect=["--resume", "--model=<root>/data/nets.py:tiny changed", "--overwrite"]),
+    # --- the driver: plug-in data and data files that would run code ---------------------
+    train("npz-lacks-y", "--dataset={d}/mine.npz", setup="npz:no_y",
+          expect=["--dataset=<root>/data/mine.npz", "lacks y"]),
+    train("npz-lacks-x", "--dataset={d}/mine.npz", setup="npz:no_x",
+          expect=["--dataset=<root>/data/mine.npz", "lacks x"]),
+    train("npz-labels-out-of-range", "--dataset={d}/mine.npz", setup="npz:label_10",
+          expect=["--dataset=<root>/data/mine.npz", "label 10", "[0, 10)", "--num_classes"]),
+    train("npz-nan-inputs", "--dataset={d}/mine.npz", setup="npz:nan",
+          expect=["--dataset=<root>/data/mine.npz", "NaN", "finite"]),
+    train("npz-fewer-examples-than-n_train", "--dataset={d}/mine.npz", setup="npz:small",
+          expect=["--n_train=64", "--dataset=<root>/data/mine.npz", "holds 32",
+                  "Use --n_train<=32"]),
+    train("npz-object-arrays", "--dataset={d}/mine.npz", setup="npz:objects",
+          expect=["--dataset=<root>/data/mine.npz", "without running code"]),
+    train("dataset-callable-missing", "--dataset={d}/nets.py:no_data", setup="plugins",
+          expect=["--dataset=<root>/data/nets.py:no_data", "no callable 'no_data'"]),
+    train("cifar10-pickle-runs-code", "--dataset=cifar10", "--data_dir={d}", setup="cifar:evil",
+          expect=["cifar10: refused <root>/data/data_batch_1", "posix.mkdir",
+                  "must not run code"]),
     # --- experiments.sweep_n -----------------------------------------------------------------
     sweep("n_values-zero", "--n_values=0,64", expect=["--n_values=[0, 64]", "positive"]),
     sweep("n_values-not-integers", "--n_values=a,b", expect=["--n_values=a,b", "integers"]),
@@ -330,6 +385,96 @@ def _fake_fashion_mnist(folder: Path, kind: str) -> None:
         raise ValueError(kind)
 
 
+PLUGIN_NETS = """
+import flax.linen as nn
+from flax import nnx
+
+class Dense(nn.Module):
+    features: int
+    rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Dense(8)(x)
+        if self.rate:
+            x = nn.Dropout(self.rate, deterministic=not train)(x)
+        return nn.Dense(self.features)(x)
+
+class NnxDropout(nnx.Module):
+    def __init__(self, num_classes, rngs):
+        self.dense = nnx.Linear(20, num_classes, rngs=rngs)
+        self.dropout = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x):
+        return self.dropout(self.dense(x))
+
+class Normalized(nn.Module):
+    features: int
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x))
+        return nn.Dense(self.features)(x)
+
+def tiny(input_shape, num_classes):
+    return Dense(num_classes)
+
+def batchnorm(input_shape, num_classes):
+    return Normalized(num_classes)
+
+def not_a_module(input_shape, num_classes):
+    return {"layers": 2}
+
+def three_outputs(input_shape, num_classes):
+    return Dense(3)
+
+def dropout(input_shape, num_classes):
+    return Dense(num_classes, rate=0.1)
+
+def nnx_dropout(input_shape, num_classes, rngs):
+    return NnxDropout(num_classes, rngs)
+"""
+
+
+class _MakesADirectory:
+    """A crafted pickle: loading it calls os.mkdir(marker)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def _data_files(folder: Path, kind: str) -> None:
+    """An .npz broken one way (or a CIFAR-10 batch that would run code) in folder."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(100, 20)), rng.integers(0, 10, 100)
+    arrays = {"no_y": dict(x=x), "no_x": dict(y=y), "label_10": dict(x=x, y=y + 1),
+              "nan": dict(x=np.where(x > 2, np.nan, x), y=y), "small": dict(x=x[:32], y=y[:32]),
+              "objects": dict(x=np.array([None] * 100, dtype=object), y=y)}
+    if kind == "evil":   # cifar: the batch's data would create root/pwned
+        batch = {b"data": _MakesADirectory(folder.parent / "pwned"), b"labels": [0]}
+        (folder / "data_batch_1").write_bytes(pickle.dumps(batch, protocol=2))
+    else:
+        np.savez(folder / "mine.npz", **arrays[kind])
+
+
+def _plugin_files(folder: Path) -> None:
+    folder.mkdir(exist_ok=True)
+    (folder / "nets.py").write_text(PLUGIN_NETS)
+    (folder / "broken.py").write_text("import not_installed_anywhere\n")
+
+
+def _finished_plugin_run(workdir: Path, data: Path) -> None:
+    """A finished 2-step run of nets.py:tiny, whose file is then edited."""
+    result = run_module("experiments.train", *TINY, "--steps=2", f"--model={data}/nets.py:tiny",
+                        f"--workdir={workdir}")
+    assert result.returncode == 0, result.stderr
+    (data / "nets.py").write_text(PLUGIN_NETS.replace("nn.Dense(8)", "nn.Dense(9)"))
+
+
 def prepare(case: Case, root: Path, finished: Path | None) -> dict:
     """Builds the case's folder under root; returns the placeholders of its args."""
     root.mkdir(parents=True, exist_ok=True)
@@ -347,6 +492,13 @@ def prepare(case: Case, root: Path, finished: Path | None) -> dict:
         workdir.mkdir()
         shutil.copy2(finished / records.CONFIG_FILE, workdir / records.CONFIG_FILE)
         (workdir / records.CHECKPOINT_DIR).mkdir()
+    elif case.setup == "plugins":
+        _plugin_files(places["d"])
+    elif case.setup == "plugins:finished":
+        _plugin_files(places["d"])
+        _finished_plugin_run(workdir, places["d"])
+    elif case.setup.startswith(("npz:", "cifar:")):
+        _data_files(places["d"], case.setup.split(":", 1)[1])
     elif case.setup.startswith("fmnist:"):
         _fake_fashion_mnist(places["d"], case.setup.split(":", 1)[1])
     elif case.setup != "absent":

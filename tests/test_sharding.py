@@ -28,11 +28,41 @@ REPO = Path(__file__).resolve().parents[1]
 # fixture's subprocesses start once, and the kernel and driver groups run at once.
 TOLERANCE = {"float32": 1e-5, "float64": 1e-10}   # normwise relative, ‖a − b‖∞ / ‖b‖∞
 N, CHUNK, BATCH = 230, 64, 50
+BN_N, BN_CHUNK = 180, 60    # BatchNorm needs whole chunks: 60 is a multiple of 4 and of 3
+
+
+def make_batchnorm_net(input_shape, num_classes):
+    """A plug-in (built from this file's path) with train-mode BatchNorm: ghost batches."""
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool):
+            x = nn.BatchNorm(use_running_average=not train)(nn.Dense(16)(x))
+            return nn.Dense(num_classes)(nn.tanh(x))
+
+    return Net()
 
 
 # ---------------------------------------------------------------------------
 # The check itself (runs in a subprocess)
 # ---------------------------------------------------------------------------
+
+def _batchnorm_kernels(bn_model, x, y, mesh, put, dtype, v_host) -> dict:
+    """Loss, gradient, HVP and running statistics of a train-mode BatchNorm plug-in."""
+    import jax
+    from lossland import losses, objective, sharding
+
+    data = sharding.shard_chunked(x[:BN_N], y[:BN_N], BN_CHUNK, mesh, dtype=dtype)
+    obj = objective.Objective(bn_model.apply, losses.per_example_loss("cross_entropy"), data)
+    params, out = put(bn_model.params), {}
+    out["bn_loss"], _, out["bn_grad"] = obj.loss_accuracy_grad(params)
+    out["bn_hvp"] = obj.hvp(params, put(v_host))
+    stats = jax.jit(lambda p, s, d: objective.full_batch_model_state(bn_model.update_state,
+                                                                      p, s, d))
+    out["bn_running_stats"] = stats(params, put(bn_model.state), data)
+    return out
+
 
 def _compute(out_path: str, mesh_sizes: str = "0", dtypes: str = "float32,float64") -> None:
     """Saves every kernel's result, per dtype, for one device ("ref") and per mesh size.
@@ -67,6 +97,10 @@ def _compute(out_path: str, mesh_sizes: str = "0", dtypes: str = "float32,float6
         rng = np.random.default_rng(1)
         v_host = unravel(jnp.asarray(rng.standard_normal(flat0.shape), dtype))
         v0_host = np.asarray(rng.standard_normal(flat0.shape), dtype)
+        bn_model = models.build_model(f"{Path(__file__).resolve()}:make_batchnorm_net", (40,),
+                                      10, key=jax.random.key(0), dtype=dtype)
+        bn_v_host = jax.tree_util.tree_map(lambda p: jnp.asarray(
+            rng.standard_normal(p.shape), dtype), bn_model.params)
         layouts = {} if multiprocess else {"ref": None}
         layouts.update({f"d{size}": sharding.make_mesh(int(size))
                         for size in mesh_sizes.split(",")})
@@ -123,6 +157,10 @@ def _compute(out_path: str, mesh_sizes: str = "0", dtypes: str = "float32,float6
                                                       track_gn=False, lr=0.1, tracker="block")
                 row, _ = block_tracker(params, full, jax.random.key(3), None)
                 out["block_eigenvalues"] = row["eigenvalues"]
+            # Train-mode BatchNorm: each chunk's statistics are the whole chunk's, sharded or
+            # not (float64 only: the comparison is the same, at half the compile time).
+            if dtype_name == "float64":
+                out.update(_batchnorm_kernels(bn_model, x, y, mesh, put, dtype, bn_v_host))
             for name, value in out.items():
                 flat = [np.ravel(leaf) for leaf in jax.tree_util.tree_leaves(
                     sharding.to_host(value))]

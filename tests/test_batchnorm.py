@@ -1,0 +1,198 @@
+"""Models with normalization, in float64 against dense oracles written out by hand.
+
+The training-mode full-batch loss of a BatchNorm network over chunks (ghost batches):
+
+    L(θ) = (1/n) Σ_c Σ_{i ∈ c} ℓ(f(θ; x_i, μ_c(θ), σ²_c(θ)), y_i),
+
+μ_c, σ²_c the batch statistics of chunk c. The kernels' HVPs must be those of
+this L, which `oracle_loss` writes out without Flax; the eval-mode surrogate
+(running statistics) has another Hessian.
+"""
+
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.flatten_util import ravel_pytree
+
+from lossland import curvature, data as data_lib, losses, models
+from lossland.objective import Objective, chunk_data, flat_matvec, full_batch_model_state
+
+THIS = Path(__file__).resolve()
+MOMENTUM, N, CLASSES = 0.9, 12, 3
+EPS = {"batch": 1e-5, "layer": 1e-6}   # Flax's BatchNorm and LayerNorm defaults
+
+
+class BNNet(nn.Module):
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.Dense(5, name="l1")(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=MOMENTUM, name="bn")(x)
+        return nn.Dense(self.num_classes, name="l2")(jnp.tanh(x))
+
+
+class NnxBNNet(nnx.Module):
+    def __init__(self, din, num_classes, rngs):
+        self.l1 = nnx.Linear(din, 5, rngs=rngs)
+        self.bn = nnx.BatchNorm(5, momentum=MOMENTUM, rngs=rngs)
+        self.l2 = nnx.Linear(5, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(jnp.tanh(self.bn(self.l1(x))))
+
+
+class LNNet(nn.Module):
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.LayerNorm(name="ln")(nn.Dense(5, name="l1")(x))
+        return nn.Dense(self.num_classes, name="l2")(jnp.tanh(x))
+
+
+def make_bn(input_shape, num_classes):
+    return BNNet(num_classes)
+
+
+def make_nnx_bn(input_shape, num_classes, rngs):
+    return NnxBNNet(input_shape[0], num_classes, rngs)
+
+
+def make_ln(input_shape, num_classes):
+    return LNNet(num_classes)
+
+
+# ----------------------------------------------------------------------------
+# Oracles, without Flax
+# ----------------------------------------------------------------------------
+
+def _normalize(h, mean, var, eps=EPS["batch"]):
+    return (h - mean) / jnp.sqrt(var + eps)
+
+
+def oracle_forward(p, x, norm):
+    h = x @ p["l1"]["kernel"] + p["l1"]["bias"]
+    if norm == "batch":   # training mode: the statistics of the batch given
+        h = _normalize(h, h.mean(0), h.var(0)) * p["bn"]["scale"] + p["bn"]["bias"]
+    else:                 # layer: per example, over features
+        h = _normalize(h, h.mean(-1, keepdims=True), h.var(-1, keepdims=True), EPS["layer"])
+        h = h * p["ln"]["scale"] + p["ln"]["bias"]
+    return jnp.tanh(h) @ p["l2"]["kernel"] + p["l2"]["bias"]
+
+
+def oracle_loss(p, x, y, chunk, norm):
+    """Mean over examples of ½‖z − onehot(y)‖², each chunk a batch of its own."""
+    total = 0.0
+    for lo in range(0, x.shape[0], chunk):
+        z = oracle_forward(p, x[lo:lo + chunk], norm)
+        total += 0.5 * jnp.sum((z - jax.nn.one_hot(y[lo:lo + chunk], CLASSES)) ** 2)
+    return total / x.shape[0]
+
+
+def dense_hessian(objective, params):
+    """H from P HVPs on the basis vectors: the kernels' Hessian, column by column."""
+    flat = ravel_pytree(params)[0]
+    matvec = jax.jit(flat_matvec(objective.hvp_fn, params, objective.data))
+    return jax.vmap(matvec)(jnp.eye(flat.shape[0], dtype=flat.dtype))
+
+
+def oracle_hessian(params, x, y, chunk, norm):
+    flat, unravel = ravel_pytree(params)
+    return jax.jit(jax.hessian(lambda f: oracle_loss(unravel(f), x, y, chunk, norm)))(flat)
+
+
+def _setup(factory: str, chunk: int):
+    x, y = data_lib.load("gaussian_mixture", N, seed=0, input_dim=4, num_classes=CLASSES)
+    model = models.build_model(f"{THIS}:{factory}", (4,), CLASSES, key=jax.random.key(1),
+                               dtype=jnp.float64)
+    # Away from init (BatchNorm scale 1, bias 0): a generic point.
+    leaves, treedef = jax.tree_util.tree_flatten(model.params)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    params = jax.tree_util.tree_unflatten(treedef, [
+        p + 0.3 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
+    data = chunk_data(x, y, chunk, dtype=jnp.float64)
+    objective = Objective(model.apply, losses.per_example_loss("mse"), data)
+    return model, params, objective, jnp.asarray(x, jnp.float64), jnp.asarray(y)
+
+
+@pytest.mark.parametrize("chunk", [N, 4])   # one chunk; three ghost batches
+def test_batchnorm_train_mode_hessian_matches_dense_oracle(chunk):
+    with jax.enable_x64(True):
+        model, params, objective, x, y = _setup("make_bn", chunk)
+        assert model.has_state and set(model.state) == {"batch_stats"}
+        np.testing.assert_allclose(objective.loss(params),
+                                   oracle_loss(params, x, y, chunk, "batch"), rtol=1e-12)
+        H, H_oracle = dense_hessian(objective, params), oracle_hessian(params, x, y, chunk,
+                                                                       "batch")
+        scale = jnp.max(jnp.abs(H_oracle))
+        assert float(jnp.max(jnp.abs(H - H_oracle))) < 1e-10 * scale
+        # Another chunking is another function: ghost batches are part of the definition.
+        other = oracle_hessian(params, x, y, 6 if chunk == N else N, "batch")
+        assert float(jnp.max(jnp.abs(H - other))) > 1e-3 * scale
+        # The eval-mode surrogate (running statistics, as PyHessian uses) is another one too.
+        flat, unravel = ravel_pytree(params)
+        eval_loss = lambda f: jnp.mean(losses.per_example_loss("mse")(
+            model.evaluate(unravel(f), model.state, x), y))
+        H_eval = jax.jit(jax.hessian(eval_loss))(flat)
+        assert float(jnp.max(jnp.abs(H - H_eval))) > 1e-3 * scale
+        # Lanczos on the kernels' HVPs finds the oracle's top eigenvalues.
+        top = curvature.lanczos_top_k(flat_matvec(objective.hvp_fn, params, objective.data),
+                                      jnp.ones_like(flat), 3, 30)
+        np.testing.assert_allclose(top.eigenvalues, jnp.linalg.eigh(H_oracle)[0][::-1][:3],
+                                   rtol=1e-8)
+
+
+def test_nnx_batchnorm_hessian_equals_its_linen_twin():
+    with jax.enable_x64(True):
+        nnx_model, params, nnx_objective, x, y = _setup("make_nnx_bn", 4)
+        linen_model, linen_params, linen_objective, _, _ = _setup("make_bn", 4)
+        # The twins name their layers alike, so NNX params are valid linen params.
+        assert jax.tree_util.tree_structure(params) == \
+            jax.tree_util.tree_structure(linen_params)
+        H_nnx, H_linen = dense_hessian(nnx_objective, params), dense_hessian(linen_objective,
+                                                                             params)
+        H_oracle = oracle_hessian(params, x, y, 4, "batch")
+        scale = jnp.max(jnp.abs(H_oracle))
+        assert float(jnp.max(jnp.abs(H_nnx - H_linen))) < 1e-12 * scale
+        assert float(jnp.max(jnp.abs(H_nnx - H_oracle))) < 1e-10 * scale
+
+
+@pytest.mark.parametrize("chunk", [N, 4])
+def test_layernorm_hessian_matches_dense_oracle(chunk):
+    with jax.enable_x64(True):
+        model, params, objective, x, y = _setup("make_ln", chunk)
+        assert not model.has_state
+        H_oracle = oracle_hessian(params, x, y, N, "layer")   # per example: chunks do not matter
+        scale = jnp.max(jnp.abs(H_oracle))
+        assert float(jnp.max(jnp.abs(dense_hessian(objective, params) - H_oracle))) \
+            < 1e-10 * scale
+
+
+@pytest.mark.parametrize("factory", ["make_bn", "make_nnx_bn"])
+def test_running_statistics_are_a_side_output_and_eval_uses_them(factory):
+    with jax.enable_x64(True):
+        model, params, objective, x, y = _setup(factory, 4)
+        new_state = full_batch_model_state(model.update_state, params, model.state,
+                                           objective.data)
+        h = x @ params["l1"]["kernel"] + params["l1"]["bias"]
+        chunks = h.reshape(3, 4, 5)
+        # One update per step with the mean of the three ghost batches' statistics.
+        mean = (1 - MOMENTUM) * chunks.mean(1).mean(0)
+        var = MOMENTUM * 1.0 + (1 - MOMENTUM) * chunks.var(1).mean(0)
+        stats = new_state["batch_stats"]["bn"] if factory == "make_bn" else new_state["bn"]
+        np.testing.assert_allclose(stats["mean"], mean, rtol=1e-12)
+        np.testing.assert_allclose(stats["var"], var, rtol=1e-12)
+        # Evaluation normalizes with them, not with the batch's own statistics.
+        expected = jnp.tanh(_normalize(h, mean, var) * params["bn"]["scale"]
+                            + params["bn"]["bias"]) @ params["l2"]["kernel"] + \
+            params["l2"]["bias"]
+        np.testing.assert_allclose(model.evaluate(params, new_state, x), expected, rtol=1e-10)
+        # Training mode normalizes with the batch's statistics, whatever the running ones.
+        np.testing.assert_allclose(model.apply(params, x), oracle_forward(params, x, "batch"),
+                                   rtol=1e-12)
