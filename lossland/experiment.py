@@ -68,6 +68,10 @@ def validate_model_bounds(cfg: config_lib.RunConfig) -> data_lib.DatasetInfo:
     config_lib.validate_for_model(cfg, models.count_params(
         cfg.model, info.input_shape, info.num_classes, width=cfg.width, depth=cfg.depth,
         activation=cfg.activation))
+    if cfg.track_layers:   # the layers, from shapes alone (jax.eval_shape compiles nothing)
+        config_lib.validate_layers(cfg, jax.eval_shape(lambda: models.build_model(
+            cfg.model, info.input_shape, info.num_classes, width=cfg.width, depth=cfg.depth,
+            activation=cfg.activation, key=jax.random.key(0)).params))
     return info
 
 

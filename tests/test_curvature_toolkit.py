@@ -267,3 +267,43 @@ def test_select_params_that_matches_nothing_names_the_filter_and_the_choices():
         select_params(params, layer="Dense_0", regex="kernel")
     with pytest.raises(curvature.NoLayerStructure, match="bare arrays"):
         curvature.layer_names({"w": jnp.zeros(3), "Dense_0": {"kernel": jnp.zeros(2)}})
+
+
+# --- the driver -----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_driver_tracks_layers_min_and_trace(tmp_path):
+    """--track_layers/--track_min/--trace_every rows: interlacing holds, plot drawn.
+
+    Slow (~28 s of CPU on the 2-core machine, 2026-12-06): five Lanczos/Hutch++
+    programs compile in the driver subprocess.
+    """
+    from conftest import run_module
+    from lossland import records
+
+    workdir = tmp_path / "run"
+    result = run_module("experiments.train", "--n_train=64", "--width=16", "--depth=1",
+                        "--steps=2", "--track_every=1", "--track_k=2", "--lanczos_iters=50",
+                        "--lanczos_tol=1e-7", "--dtype=float64", "--track_layers",
+                        "--track_layers_k=2", "--track_min", "--trace_every=2",
+                        f"--workdir={workdir}")
+    assert result.returncode == 0, result.stderr
+    tracked = [r for r in records.read_metrics(workdir) if "eigenvalues" in r]
+    assert [r["step"] for r in tracked] == [0, 1, 2]
+    for row in tracked:
+        layers = row["layer_eigenvalues"]
+        assert sorted(layers) == ["Dense_0", "Dense_1"]
+        lambda1, lambda_min = row["eigenvalues"][0], row["min_eigenvalue"]
+        for name, values in layers.items():
+            assert len(values) == 2 and values[0] >= values[1]
+            # Cauchy interlacing: a principal submatrix's spectrum lies inside H's.
+            assert lambda_min - 1e-6 * lambda1 <= values[1] <= values[0] <= lambda1 * (1 + 1e-6)
+            assert max(row["layer_residuals"][name]) <= 1e-5 * lambda1
+        # The bottom of the spectrum is a dense bulk: Lanczos converges there slowly.
+        assert lambda_min < 0 and row["min_eigenvalue_residual"] <= 1e-3 * lambda1
+        has_trace = row["step"] % 2 == 0
+        assert ("hessian_trace" in row) == has_trace
+        if has_trace:
+            assert np.isfinite(row["hessian_trace"]) and row["hessian_trace_stderr"] >= 0
+            assert row["hessian_trace"] > lambda1 + lambda_min * 10   # the trace is dominated
+    assert (workdir / "plots" / "layer_sharpness.png").stat().st_size > 1000
