@@ -196,6 +196,10 @@ def validate(cfg: RunConfig) -> None:
 def _validate_toolkit(cfg: RunConfig) -> None:
     """--track_layers, --track_layers_k, --track_min, --trace_every (lossland.tracking_extras)."""
     _require(cfg.track_layers_k >= 1, "track_layers_k", cfg.track_layers_k, "must be >= 1")
+    if cfg.track_layers:
+        _require(cfg.track_layers_k <= cfg.lanczos_iters, "track_layers_k", cfg.track_layers_k,
+                 f"Lanczos finds at most --lanczos_iters={cfg.lanczos_iters} eigenvalues",
+                 "Raise --lanczos_iters or lower --track_layers_k.")
     for flag in ("track_layers", "track_min"):
         if getattr(cfg, flag):
             _require(cfg.track_every > 0, flag, True, "it is measured at tracked steps",
