@@ -35,6 +35,7 @@ import numpy as np
 import scipy.stats
 from jax.flatten_util import ravel_pytree
 
+from benchmarks.tracking import median_seconds
 from lossland import curvature, data, losses, models, objective
 
 TARGET_VARIANCE_RATIO = 3.0
@@ -63,16 +64,6 @@ def parse_args(argv=None):
         args.n, args.width, args.train_steps, args.seeds, args.budgets = 256, 16, 50, 20, "30"
         args.reps = 3
     return args
-
-
-def median_seconds(fn, *args, reps):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def build(args):

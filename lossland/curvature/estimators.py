@@ -22,7 +22,7 @@ from jax import lax
 
 from lossland.curvature import basis
 from lossland.curvature.operators import compiled_call
-from lossland.curvature.stochastic import HutchinsonResult
+from lossland.curvature.stochastic import HutchinsonResult, probe_samples
 
 
 class HutchppResult(NamedTuple):
@@ -179,17 +179,7 @@ def frobenius_norm_sq(matvec: Callable[[jax.Array], jax.Array], v0: jax.Array, k
     is the Frobenius norm; tr(H²)/tr(H)² measures how concentrated the spectrum
     is (1 for rank one, 1/P for H ∝ I).
     """
-    v0 = jnp.asarray(v0)
-    (P,) = v0.shape
-    if num_probes < 1:
-        raise ValueError("num_probes must be >= 1.")
-
-    def body(matvec, keys):
-        def one(key):
-            w = matvec(_rademacher(key, (P,), v0.dtype))
-            return jnp.vdot(w, w, precision=basis.HIGHEST)
-        return lax.map(one, keys)
-
-    samples = compiled_call(body, matvec, v0, jax.random.split(key, num_probes))
+    samples = probe_samples(matvec, v0, key, num_probes,
+                            lambda z, hz: jnp.vdot(hz, hz, precision=basis.HIGHEST))
     estimate, std_error = _mean_and_std_error(samples)
     return HutchinsonResult(estimate=estimate, std_error=std_error, samples=samples)
