@@ -27,7 +27,7 @@ from jax.flatten_util import ravel_pytree
 from lossland import curvature
 from lossland.objective import Objective, flat_matvec
 
-TRACE_MATVECS = 60   # Hutch++ budget per --trace_every measurement (a sketch of 20 vectors)
+TRACE_MATVECS = 90   # Hutch++ budget per --trace_every measurement (a sketch of 30 vectors)
 
 
 def make_layer_and_min(objective: Objective, params, *, layers_k: int, track_layers: bool,
