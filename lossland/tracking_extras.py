@@ -40,19 +40,12 @@ def make_layer_and_min(objective: Objective, params, *, layers_k: int, track_lay
     tol = tol or None
     subsets = curvature.layer_subsets(params) if track_layers else {}
 
-    def layer_top(params, data, key, subset):
-        sub = subset.take(params)
-        v0 = jax.random.normal(key, (subset.size,), ravel_pytree(sub)[0].dtype)
-        matvec = flat_matvec(lambda _, v, d: objective.subset_hvp_fn(params, subset, v, d),
-                             sub, data)
-        return curvature.lanczos_top_k(matvec, v0, layers_k, min(num_iters, subset.size),
-                                       tol=tol)
-
     def measure(params, data, key):
         row = {}
         if subsets:
-            results = {name: layer_top(params, data, jax.random.fold_in(key, i), subset)
-                       for i, (name, subset) in enumerate(subsets.items())}
+            results = curvature.block_spectra(
+                lambda S, v: objective.subset_hvp_fn(params, S, v, data), params, subsets, key,
+                k=layers_k, num_iters=num_iters, tol=tol)
             row["layer_eigenvalues"] = {n: r.eigenvalues for n, r in results.items()}
             row["layer_residuals"] = {n: r.residuals for n, r in results.items()}
         if track_min:

@@ -88,21 +88,10 @@ def as_matrix(matvec, size):
     return np.asarray(jax.vmap(matvec)(jnp.eye(size))).T
 
 
-@jax.jit
-def block_spectrum(block, v0, key):
-    """Top-3 and bottom-2 eigenvalues (Lanczos to exhaustion) and the Hutch++ trace at a
-    sketch as wide as the block (exact), of a dense symmetric block, in one program."""
-    size = block.shape[0]
-    matvec = lambda v: block @ v
-    top = lanczos_top_k(matvec, v0, 3, size)
-    bottom = lanczos_top_k(matvec, v0, 2, size, which="smallest")
-    return top.eigenvalues, bottom.eigenvalues, hutchpp_trace(matvec, v0, key, 3 * size)
-
-
 @pytest.mark.parametrize("arch,loss_name", PROBLEMS[1:])   # conv and LayerNorm (MLP: below)
 def test_layer_blocks_equal_dense_submatrices(arch, loss_name):
     """Each layer's H_SS (chunked, padded) is the dense submatrix, and the layer traces sum
-    to tr(H); the first layer's top-3, bottom-2 and Hutch++ trace equal eigh's and trace's."""
+    to tr(H); the first layer's top-3 and Hutch++ trace equal eigh's and trace's."""
     params, obj, dense, _ = problem(arch, loss_name)
     subsets = layer_subsets(params)
     assert len(subsets) >= 2
@@ -114,15 +103,19 @@ def test_layer_blocks_equal_dense_submatrices(arch, loss_name):
                                    atol=1e-10 * np.abs(dense).max(), err_msg=name)
     np.testing.assert_allclose(sum(np.trace(b) for b in blocks.values()), np.trace(dense),
                                rtol=1e-10)
-    first = blocks[next(iter(subsets))]
-    eigenvalues = np.linalg.eigvalsh(first)
+    # block_spectra on the chunked product: Lanczos to exhaustion and a Hutch++ sketch as
+    # wide as the block give eigh's top-3 and the exact trace.
+    name, subset = next(iter(subsets.items()))
+    eigenvalues = np.linalg.eigvalsh(blocks[name])
     scale = np.abs(eigenvalues).max()
-    v0 = jax.random.normal(jax.random.key(1), (first.shape[0],), jnp.float64)
-    top, bottom, trace = block_spectrum(jnp.asarray(first), v0, jax.random.key(2))
-    np.testing.assert_allclose(top, eigenvalues[::-1][:3], atol=1e-9 * scale)
-    np.testing.assert_allclose(bottom, eigenvalues[:2], atol=1e-9 * scale)
-    np.testing.assert_allclose(trace.estimate, np.trace(first), atol=1e-9 * scale)
-    assert float(trace.std_error) <= 1e-12 * scale
+    spectra = jax.jit(lambda p, d, key: curvature.block_spectra(
+        lambda S, v: obj.subset_hvp_fn(p, S, v, d), p, {name: subset}, key, k=3,
+        num_iters=subset.size, trace_matvecs=3 * subset.size))(params, obj.data,
+                                                               jax.random.key(2))[name]
+    np.testing.assert_allclose(spectra.eigenvalues, eigenvalues[::-1][:3], atol=1e-9 * scale)
+    assert np.all(np.asarray(spectra.residuals) < 1e-8 * scale)
+    np.testing.assert_allclose(spectra.trace, np.trace(blocks[name]), atol=1e-9 * scale)
+    assert float(spectra.trace_std_error) <= 1e-12 * scale
 
 
 def test_gauss_newton_block_equals_dense_submatrix():

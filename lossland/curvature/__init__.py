@@ -24,6 +24,8 @@ Public API (a promise to users; keep these names and signatures):
                                                    layer_subsets, layer_segment_ids)
     subset_hvp(loss_fn, params, S, v_S), subset_gnvp(model_fn, output_loss_fn, params, S, v_S)
                                                    products with the diagonal blocks H_SS, G_SS
+    block_spectra(subset_product, params, subsets, key, *, k, num_iters, tol, trace_matvecs)
+                                                   top-k and Hutch++ trace of each block
 
 Matvecs act on flat (P,) vectors; `lossland.objective.flat_matvec` wraps a
 pytree product such as `Objective.hvp_fn` into one.
@@ -47,7 +49,8 @@ Modules (one idea each):
 """
 
 from lossland.curvature.block import block_top_k
-from lossland.curvature.blocks import (NoLayerStructure, ParamSubset, layer_names,
+from lossland.curvature.blocks import (BlockSpectrum, NoLayerStructure, ParamSubset,
+                                       block_spectra, layer_names,
                                        layer_segment_ids, layer_subsets, leaf_names,
                                        select_params, subset_gnvp, subset_hvp)
 from lossland.curvature.estimators import (DiagonalResult, HutchppResult, frobenius_norm_sq,
@@ -60,8 +63,8 @@ from lossland.curvature.stochastic import (HutchinsonResult, SLQResult, hutchins
                                            slq_density)
 
 __all__ = [
-    "DiagonalResult", "HutchinsonResult", "HutchppResult", "KrylovState", "LanczosResult",
-    "NoLayerStructure", "ParamSubset", "SLQResult", "block_gnvp", "block_hvp", "block_top_k",
+    "BlockSpectrum", "DiagonalResult", "HutchinsonResult", "HutchppResult", "KrylovState", "LanczosResult",
+    "NoLayerStructure", "ParamSubset", "SLQResult", "block_gnvp", "block_hvp", "block_spectra", "block_top_k",
     "empirical_fisher_vp", "frobenius_norm_sq", "gnvp", "hutchinson_diagonal",
     "hutchinson_trace", "hutchpp_trace", "hvp", "krylov_decomposition", "lanczos_top_k",
     "layer_names", "layer_segment_ids", "layer_subsets", "leaf_names", "ritz_pairs",

@@ -24,11 +24,14 @@ import dataclasses
 import fnmatch
 import re
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
+from lossland.curvature.estimators import hutchpp_trace
+from lossland.curvature.lanczos import lanczos_top_k
 from lossland.curvature.products import gnvp, hvp
 
 PyTree = Any
@@ -195,3 +198,40 @@ def subset_gnvp(model_fn: Callable[[PyTree], jax.Array],
     """G_SS v_S = J_Sᵀ H_out J_S v_S: the diagonal Gauss–Newton block of `subset`."""
     sub_model, sub_params = restrict(model_fn, params, subset)
     return gnvp(sub_model, output_loss_fn, sub_params, v_sub)
+
+
+class BlockSpectrum(NamedTuple):
+    """Top-k eigenpairs' values and residuals, and the Hutch++ trace, of one diagonal block."""
+    eigenvalues: jax.Array
+    residuals: jax.Array
+    trace: jax.Array
+    trace_std_error: jax.Array
+
+
+def block_spectra(subset_product: Callable[[ParamSubset, dict], dict], params: PyTree,
+                  subsets: dict[str, ParamSubset], key: jax.Array, *, k: int, num_iters: int,
+                  tol: float | None = None, trace_matvecs: int = 0) -> dict[str, BlockSpectrum]:
+    """Top-k eigenvalues (Lanczos) and, with trace_matvecs ≥ 3, the Hutch++ trace of each block.
+
+    `subset_product(S, v_S)` is a block product, e.g.
+    `lambda S, v: subset_hvp(loss_fn, params, S, v)` or, over the chunked full batch,
+    `lambda S, v: objective.subset_hvp_fn(params, S, v, data)`. Each block's
+    Lanczos makes at most min(num_iters, P_S) matvecs (k ≤ P_S is required); the
+    trace is NaN without trace_matvecs. Jit-compatible; blocks run one after another.
+    """
+    out = {}
+    for i, (name, subset) in enumerate(subsets.items()):
+        sub = subset.take(params)
+        flat, unravel = ravel_pytree(sub)
+        matvec = lambda v, s=subset: ravel_pytree(subset_product(s, unravel(v)))[0]
+        top_key, trace_key = jax.random.split(jax.random.fold_in(key, i))
+        v0 = jax.random.normal(top_key, flat.shape, flat.dtype)
+        top = lanczos_top_k(matvec, v0, k, min(num_iters, subset.size), tol=tol)
+        if trace_matvecs >= 3:
+            trace = hutchpp_trace(matvec, v0, trace_key, trace_matvecs)
+            trace, trace_error = trace.estimate, trace.std_error
+        else:
+            trace = trace_error = jax.numpy.full((), jax.numpy.nan, flat.dtype)
+        out[name] = BlockSpectrum(eigenvalues=top.eigenvalues, residuals=top.residuals,
+                                  trace=trace, trace_std_error=trace_error)
+    return out
