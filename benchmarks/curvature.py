@@ -3,6 +3,8 @@
     .venv/bin/python -m benchmarks.curvature > /tmp/bench_curvature.json
     .venv/bin/python -m benchmarks.curvature --quick            # smoke test, ~1 minute
     .venv/bin/python -m benchmarks.curvature --workloads=mnist1d
+    .venv/bin/python -m benchmarks.curvature --toolkit [--quick]  # Hutch++ vs Hutchinson,
+                                          # layer-block cost: benchmarks/curvature_toolkit.py
 
 Workloads (cross-entropy, ReLU MLP with two hidden layers of 512, at init):
   mnist1d       MNIST-1D, n = 5000, MLP 40-512-512-10 (288,778 parameters)
@@ -431,6 +433,10 @@ def check_targets(r, ks, tols):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--toolkit" in argv:   # the curvature toolkit's benchmark (issue 23), its own flags
+        from benchmarks import curvature_toolkit
+        return curvature_toolkit.main([a for a in argv if a != "--toolkit"])
     args = parse_args(argv)
     if args.ref_dtype == "float64":
         jax.config.update("jax_enable_x64", True)   # every other array is explicitly float32

@@ -98,6 +98,16 @@ def define_run_flags(**default_overrides) -> None:
                          "Gauss–Newton part G = JᵀH_outJ and of the residual H − G.")
     flags.DEFINE_integer("density_every", d.density_every, "Stochastic-Lanczos spectral density "
                          "snapshot every this many steps (0 = off).", lower_bound=0)
+    flags.DEFINE_boolean("track_layers", d.track_layers, "At tracked steps, also the top "
+                         "--track_layers_k eigenvalues of each layer's diagonal Hessian block "
+                         "(layer = top-level module, e.g. Dense_0): row key layer_eigenvalues.")
+    flags.DEFINE_integer("track_layers_k", d.track_layers_k, "Eigenvalues per layer for "
+                         "--track_layers.", lower_bound=1)
+    flags.DEFINE_boolean("track_min", d.track_min, "At tracked steps, also the smallest "
+                         "Hessian eigenvalue and its residual (min_eigenvalue).")
+    flags.DEFINE_integer("trace_every", d.trace_every, "Hutch++ estimate of tr(H) and its "
+                         "standard error every this many steps (0 = off); a multiple of "
+                         "--track_every.", lower_bound=0)
     # Edge-of-stability stop, probes and projections
     flags.DEFINE_integer("eos_hold_steps", d.eos_hold_steps, "Stop once the run has held the "
                          "edge of stability (see --eos_band) for this many steps (0 = run all "

@@ -71,6 +71,10 @@ class RunConfig:
     tracker: str = "lanczos"     # lanczos: one HVP per iteration; block: block products (issue 13)
     track_block_size: int = 0    # block tracker's b (0 = track_k + 2); >= track_k
     density_every: int = 0       # 0 = off
+    track_layers: bool = False   # per-layer Hessian blocks' top eigenvalues (issue 23)
+    track_layers_k: int = 1
+    track_min: bool = False      # λ_min and its residual
+    trace_every: int = 0         # Hutch++ tr(H) every this many steps (0 = off)
     # the edge of stability (lossland.eos): entry, band, trailing window, early stop
     eos_hold_steps: int = 0      # stop once the run has held the edge this many steps (0 = off)
     eos_threshold: float = 0.9   # entry: the first upward crossing of λ1·lr/2 = this
@@ -160,6 +164,7 @@ def validate(cfg: RunConfig) -> None:
                  "density_every", cfg.density_every, "snapshots use the tracked λ1 for their "
                  f"grid, so --density_every must be a multiple of --track_every="
                  f"{cfg.track_every} (> 0)")
+    _validate_toolkit(cfg)
     _require(cfg.eos_hold_steps >= 0, "eos_hold_steps", cfg.eos_hold_steps, "must be >= 0 (0 = off)")
     if cfg.eos_hold_steps:
         _require(cfg.track_every > 0, "eos_hold_steps", cfg.eos_hold_steps,
@@ -193,6 +198,44 @@ def validate(cfg: RunConfig) -> None:
     _require(cfg.switch_step >= 0, "switch_step", cfg.switch_step, "must be >= 0")
     _require(not (cfg.overwrite and cfg.resume), "resume", cfg.resume,
              "--resume and --overwrite are exclusive", "Pick one.")
+
+
+def _validate_toolkit(cfg: RunConfig) -> None:
+    """--track_layers, --track_layers_k, --track_min, --trace_every (lossland.tracking_extras)."""
+    _require(cfg.track_layers_k >= 1, "track_layers_k", cfg.track_layers_k, "must be >= 1")
+    if cfg.track_layers:
+        _require(cfg.track_layers_k <= cfg.lanczos_iters, "track_layers_k", cfg.track_layers_k,
+                 f"Lanczos finds at most --lanczos_iters={cfg.lanczos_iters} eigenvalues",
+                 "Raise --lanczos_iters or lower --track_layers_k.")
+    for flag in ("track_layers", "track_min"):
+        if getattr(cfg, flag):
+            _require(cfg.track_every > 0, flag, True, "it is measured at tracked steps",
+                     "Set --track_every > 0.")
+    _require(cfg.trace_every >= 0, "trace_every", cfg.trace_every, "must be >= 0 (0 = off)")
+    if cfg.trace_every:
+        _require(cfg.track_every > 0 and cfg.trace_every % cfg.track_every == 0, "trace_every",
+                 cfg.trace_every, "the trace is written into tracked rows, so --trace_every "
+                 f"must be a multiple of --track_every={cfg.track_every} (> 0)")
+
+
+def validate_layers(cfg: RunConfig, params) -> None:
+    """--track_layers needs layers (top-level modules) of at least --track_layers_k parameters.
+
+    `params` may be shapes only (`jax.eval_shape`), so this runs before any compute.
+    """
+    if not (cfg.track_layers and cfg.track_every):
+        return
+    from lossland import curvature
+    try:
+        subsets = curvature.layer_subsets(params)
+    except curvature.NoLayerStructure as e:
+        raise ConfigError(f"--track_layers=True is not allowed for --model={cfg.model}: {e}. "
+                          "Per-layer blocks group the params by their top-level module names; "
+                          "drop --track_layers, or give the model named submodules.") from None
+    smallest = min(subsets.items(), key=lambda item: item[1].size)
+    _require(cfg.track_layers_k <= smallest[1].size, "track_layers_k", cfg.track_layers_k,
+             f"layer {smallest[0]} has {smallest[1].size} parameters, so at most that many "
+             "eigenvalues exist", f"Use --track_layers_k<={smallest[1].size}.")
 
 
 def validate_for_model(cfg: RunConfig, num_params: int) -> None:

@@ -79,6 +79,12 @@ def validate_model_bounds(cfg: config_lib.RunConfig) -> data_lib.DatasetInfo:
     config_lib.validate_for_model(cfg, num_params)
     if has_state:
         check_whole_chunks(cfg)
+    if cfg.track_layers and not models.is_plugin(cfg.model):
+        # The layers, from shapes alone (jax.eval_shape compiles nothing). A plug-in's
+        # layers are checked on its built params, in runner.run.
+        config_lib.validate_layers(cfg, jax.eval_shape(lambda: models.build_model(
+            cfg.model, info.input_shape, info.num_classes, width=cfg.width, depth=cfg.depth,
+            activation=cfg.activation, key=jax.random.key(0)).params))
     return info
 
 

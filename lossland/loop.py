@@ -27,6 +27,7 @@ from lossland import checkpoints, config as config_lib, distributed, eos, lifecy
 from lossland import sharding
 from lossland import train as train_lib
 from lossland import tracking as tracking_lib
+from lossland import tracking_extras
 from lossland.experiment import Experiment
 
 # Keys that measure time, not the trajectory: resumed or resharded records equal the
@@ -69,6 +70,7 @@ class _Loop:
                                                   lr=cfg.lr, tracker=cfg.tracker,
                                                   block_size=config_lib.block_size(cfg))
                         if cfg.track_every else None)
+        self.extras = tracking_extras.make_extras(self.objective, exp.model.params, cfg)
         self.prober = _make_prober(self.objective, cfg) if cfg.probe_every else None
         self.density = (tracking_lib.make_density(self.objective, num_probes=DENSITY_PROBES,
                                                   num_iters=DENSITY_ITERS)
@@ -163,6 +165,8 @@ class _Loop:
         if self.hvp_seconds is None:
             self.hvp_seconds = _median_seconds(self.objective.hvp, state.params, state.params)
         row["hvp_equivalents"] = row["tracker_time"] / self.hvp_seconds
+        if self.extras is not None:   # per-layer λ, λ_min, tr(H) (lossland.tracking_extras)
+            row.update(self.extras(state.params, data, jax.random.fold_in(key, 3), step))
         if not state.has_eigvecs:   # the first tracked step: keep v1 as the probes' control
             state = state.replace(init_v1=vectors[0])
         state = state.replace(eigvecs=vectors, has_eigvecs=True, last_lambda1=row["eigenvalues"][0],

@@ -1,4 +1,5 @@
-"""The chunked full-batch reducer, and the full-batch loss, gradient, HVP and GNVP.
+"""The chunked full-batch reducer, and the full-batch loss, gradient, HVP, GNVP, their
+diagonal blocks for a parameter subset, and the empirical Fisher product.
 
 All full-batch quantities are *means over examples* computed as
 
@@ -184,6 +185,39 @@ def full_batch_model_state(update_state, params, state, data: ChunkedData):
     return reduce_chunks(chunk_fn, data)
 
 
+def full_batch_subset_hvp(apply_fn, per_example_loss, params, subset, v_sub, data: ChunkedData):
+    """H_SS v_S for the full-batch mean loss: the diagonal Hessian block of a ParamSubset.
+
+    v_sub and the result are {path: leaf} dicts (`subset.take`). Per chunk, only
+    θ_S is differentiated (`curvature.subset_hvp`).
+    """
+    def chunk_fn(x, y, mask):
+        chunk_loss = lambda p: masked_loss_sum(apply_fn, per_example_loss, p, x, y, mask)[0]
+        return curvature.subset_hvp(chunk_loss, params, subset, v_sub)
+    return _scale(reduce_chunks(chunk_fn, data), 1.0 / data.n)
+
+
+def full_batch_subset_gnvp(apply_fn, per_example_loss, params, subset, v_sub,
+                           data: ChunkedData):
+    """G_SS v_S for the full-batch mean loss, chunked like `full_batch_subset_hvp`."""
+    def chunk_fn(x, y, mask):
+        model_fn = lambda p: apply_fn(p, x)
+        output_loss = lambda z: jnp.sum(mask * per_example_loss(z, y))
+        return curvature.subset_gnvp(model_fn, output_loss, params, subset, v_sub)
+    return _scale(reduce_chunks(chunk_fn, data), 1.0 / data.n)
+
+
+def full_batch_empirical_fisher_vp(apply_fn, per_example_loss, params, v, data: ChunkedData):
+    """F v = (1/n) Σ_i g_i (g_iᵀ v) over the chunked data (see `curvature.empirical_fisher_vp`).
+
+    Padding rows carry weight 0; a chunk contributes Σ_i mask_i g_i (g_iᵀ v).
+    """
+    def chunk_fn(x, y, mask):
+        losses = lambda p: per_example_loss(apply_fn(p, x), y)
+        return curvature.empirical_fisher_vp(losses, params, v, weights=mask)
+    return _scale(reduce_chunks(chunk_fn, data), 1.0 / data.n)
+
+
 class Objective:
     """A model, a loss and a chunked dataset, with jitted full-batch kernels.
 
@@ -203,6 +237,7 @@ class Objective:
         self._gnvp = bind(full_batch_gnvp)
         self._block_hvp = bind(full_batch_block_hvp)
         self._block_gnvp = bind(full_batch_block_gnvp)
+        self._empirical_fisher_vp = bind(full_batch_empirical_fisher_vp)
 
     @property
     def n(self) -> int:
@@ -234,6 +269,10 @@ class Objective:
         """G V for a pytree of b tangents stacked on a leading axis."""
         return self._block_gnvp(params, vectors, self.data)
 
+    def empirical_fisher_vp(self, params, v):
+        """F v = (1/n) Σ_i g_i (g_iᵀ v), the empirical Fisher product."""
+        return self._empirical_fisher_vp(params, v, self.data)
+
     # Unjitted pure forms, for use inside a caller's own jit (e.g. Lanczos
     # tracking), where `data` is an argument of that outer jit.
     def hvp_fn(self, params, v, data):
@@ -247,6 +286,18 @@ class Objective:
 
     def block_gnvp_fn(self, params, vectors, data):
         return full_batch_block_gnvp(self.apply_fn, self.per_example_loss, params, vectors, data)
+
+    def subset_hvp_fn(self, params, subset, v_sub, data):
+        return full_batch_subset_hvp(self.apply_fn, self.per_example_loss, params, subset,
+                                     v_sub, data)
+
+    def subset_gnvp_fn(self, params, subset, v_sub, data):
+        return full_batch_subset_gnvp(self.apply_fn, self.per_example_loss, params, subset,
+                                      v_sub, data)
+
+    def empirical_fisher_vp_fn(self, params, v, data):
+        return full_batch_empirical_fisher_vp(self.apply_fn, self.per_example_loss, params, v,
+                                              data)
 
     def loss_accuracy_grad_fn(self, params, data):
         return loss_accuracy_grad(self.apply_fn, self.per_example_loss, params, data)

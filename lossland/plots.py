@@ -119,6 +119,31 @@ def plot_chi(rows, path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_layer_sharpness(rows, lr: float | None, path: Path) -> Path:
+    """Each layer's λ1(H_ℓℓ) against step (--track_layers), with the full λ1, λ_min and 2/η."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    layer_rows = [r for r in rows if isinstance(r.get("layer_eigenvalues"), dict)]
+    steps = [r["step"] for r in layer_rows]
+    names = sorted({name for r in layer_rows for name in r["layer_eigenvalues"]})
+    for name in names:
+        ax.plot(steps, [r["layer_eigenvalues"].get(name, [np.nan])[0] for r in layer_rows],
+                lw=1.2, label=f"λ1 of {name}")
+    eig_steps, eig_rows = _eigen_rows(rows)
+    if eig_rows:
+        ax.plot(eig_steps, [r["eigenvalues"][0] for r in eig_rows], "k-", lw=1.6, alpha=0.5,
+                label="λ1 (full Hessian)")
+    steps_min, values_min = records.scalar_rows(rows, "min_eigenvalue")
+    if len(steps_min):
+        ax.plot(steps_min, values_min, "k:", lw=1.2, label="λ_min (full Hessian)")
+    if lr:
+        ax.axhline(2.0 / lr, color="k", ls="--", lw=1, label="2/η")
+    ax.set_xlabel("step")
+    ax.set_ylabel("top eigenvalue of each layer's Hessian block")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def read_density(workdir: Path) -> list[dict]:
     path = Path(workdir) / records.DENSITY_FILE
     return records.read_metrics(path) if path.exists() else []
@@ -151,6 +176,8 @@ def plot_run(workdir: str | Path) -> list[Path]:
         written.append(plot_sharpness([(workdir.name, rows, lr)], out / "sharpness.png"))
         written.append(plot_spectrum(rows, lr, out / "spectrum.png"))
         written.append(plot_chi(rows, out / "chi.png"))
+    if any(isinstance(r.get("layer_eigenvalues"), dict) for r in rows):
+        written.append(plot_layer_sharpness(rows, lr, out / "layer_sharpness.png"))
     snapshots = read_density(workdir)
     if snapshots:
         written.append(plot_density(snapshots, out / "density.png"))

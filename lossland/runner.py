@@ -49,6 +49,7 @@ def run(cfg: config_lib.RunConfig, *, progress: bool = True,
     resuming = cfg.resume and not records.is_partial_start(workdir)
     exp = experiment or build_experiment(cfg)
     config_lib.validate_for_model(cfg, exp.model.num_params)
+    config_lib.validate_layers(cfg, exp.model.params)
     state = checkpoints.initial_state(exp.model.params, exp.optimizer.init(exp.model.params),
                                       cfg.track_k if cfg.track_every else 1)
     # Every process has checked the workdir before the first one changes it.

@@ -142,6 +142,21 @@ CASES = [
     train("track_block_size-under-track_k", "--tracker=block", "--track_every=1", "--track_k=5",
           "--track_block_size=3",
           expect=["--track_block_size=3", "must be >= --track_k", "Raise --track_block_size"]),
+    train("track_layers_k-zero", "--track_layers_k=0",
+          expect=["--track_layers_k=0", "positive integer"]),
+    train("track_layers_k-over-layer-size", "--track_layers", "--track_every=1",
+          "--track_layers_k=200", "--lanczos_iters=300",
+          expect=["--track_layers_k=200", "Dense_1 has 170 parameters",
+                  "Use --track_layers_k<=170"]),
+    train("track_layers_k-over-lanczos_iters", "--track_layers", "--track_every=1",
+          "--track_layers_k=12", "--track_k=2", "--lanczos_iters=10",
+          expect=["--track_layers_k=12", "--lanczos_iters=10", "Raise --lanczos_iters"]),
+    train("track_layers-untracked", "--track_layers",
+          expect=["--track_layers=True", "Set --track_every > 0"]),
+    train("track_min-untracked", "--track_min", expect=["--track_min=True", "Set --track_every > 0"]),
+    train("trace_every-negative", "--trace_every=-1", expect=["--trace_every=-1", "non-negative"]),
+    train("trace_every-not-multiple", "--track_every=5", "--trace_every=7",
+          expect=["--trace_every=7", "multiple of --track_every=5"]),
     train("density_every-negative", "--density_every=-1",
           expect=["--density_every=-1", "non-negative"]),
     train("density_every-not-multiple", "--track_every=5", "--density_every=7",
@@ -718,3 +733,29 @@ def test_fresh_interpreters_agree(server, finished_run, tmp_path):
         check_refused(case, fresh[case.id])
         assert fresh[case.id].returncode == forked[case.id].returncode, case.id
         assert fresh[case.id].message() == forked[case.id].message(), case.id
+
+
+# --- refusals of the API (no command line reaches them with the registry's models) ----------
+
+def test_track_layers_refuses_params_without_layers():
+    """--track_layers with a model whose params have no top-level modules (e.g. a user
+    model with bare arrays): a ConfigError naming the flag, from shapes alone."""
+    import jax
+    from lossland import config as config_lib
+    cfg = config_lib.RunConfig(track_layers=True, track_every=1, model="mlp")
+    shapes = {"w": jax.ShapeDtypeStruct((40, 10), np.float32),
+              "b": jax.ShapeDtypeStruct((10,), np.float32)}
+    with pytest.raises(config_lib.ConfigError, match=r"--track_layers=True .*bare arrays"
+                       r".*drop --track_layers"):
+        config_lib.validate_layers(cfg, shapes)
+    config_lib.validate_layers(cfg.replace(track_layers=False), shapes)   # off: no check
+
+
+def test_a_name_filter_that_matches_nothing_names_it_and_the_choices():
+    import jax
+    from lossland.curvature import select_params
+    shapes = {"Dense_0": {"kernel": jax.ShapeDtypeStruct((4, 3), np.float32),
+                          "bias": jax.ShapeDtypeStruct((3,), np.float32)}}
+    with pytest.raises(ValueError, match=r"regex='\^Conv'.*matches no parameter.*"
+                       r"\['Dense_0/bias', 'Dense_0/kernel'\]"):
+        select_params(shapes, regex="^Conv")

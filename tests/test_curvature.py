@@ -387,7 +387,7 @@ def test_lanczos_rejects_bad_arguments():
     with pytest.raises(ValueError):
         lanczos_top_k(lambda v: v, v0, 11, 20)
     with pytest.raises(ValueError):
-        lanczos_top_k(lambda v: v, v0, 2, 5, which="smallest")
+        lanczos_top_k(lambda v: v, v0, 2, 5, which="bogus")
     with pytest.raises(TypeError):
         lanczos_top_k(lambda v: v, v0, 2.0, 5)
 

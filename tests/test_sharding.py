@@ -78,6 +78,7 @@ def _compute(out_path: str, mesh_sizes: str = "0", dtypes: str = "float32,float6
     from jax.flatten_util import ravel_pytree
 
     from lossland import config, curvature, data, losses, models, objective, sharding, train
+    from lossland import tracking_extras
 
     try:
         from lossland import tracking
@@ -119,6 +120,18 @@ def _compute(out_path: str, mesh_sizes: str = "0", dtypes: str = "float32,float6
             block = jax.tree_util.tree_map(lambda t: jnp.stack([t, 2 * t - 1, t * t]), v)
             out["block_hvp"] = obj.block_hvp(params, block)
             out["block_gnvp"] = obj.block_gnvp(params, block)
+            # The curvature toolkit (issue 23): a layer's block products, the empirical
+            # Fisher and the Hutch++ trace. (Per-layer and smallest eigenvalues run the
+            # Lanczos checked below on these products: not compiled again here, to keep
+            # this subprocess inside its time limit on a loaded machine.)
+            subset = curvature.select_params(model.params, layer="Dense_0")
+            for product in ("subset_hvp", "subset_gnvp"):
+                fn = getattr(obj, product + "_fn")
+                out[product] = jax.jit(lambda p, v, d: fn(p, subset, v, d))(
+                    params, subset.take(v), full)
+            out["empirical_fisher_vp"] = obj.empirical_fisher_vp(params, v)
+            out["hessian_trace"] = tracking_extras.make_trace(obj, 12)(
+                params, full, jax.random.key(6))["hessian_trace"]
             # The two-step placement (chunk on one device, then shard) gives the same loss.
             two_step = sharding.shard_data(objective.chunk_data(
                 x, y, CHUNK, multiple_of=sharding.mesh_size(mesh), dtype=dtype), mesh)
@@ -248,7 +261,8 @@ class TestShardedKernels:
         assert _compare(results, results, f"d{num_devices}") == []
         names = {name.split("/")[2] for name in results if name.count("/") == 2}
         expected = {"loss", "accuracy", "grad", "hvp", "gnvp", "loss_two_step", "gd_params",
-                    "gd_metrics", "adam_params", "adam_metrics"}
+                    "gd_metrics", "adam_params", "adam_metrics", "subset_hvp", "subset_gnvp",
+                    "empirical_fisher_vp", "hessian_trace"}
         assert expected <= names, expected - names
         assert "lanczos_eigenvalues" in names, (
             "lossland.tracking (the Lanczos tracker) did not import")

@@ -18,7 +18,7 @@ from lossland.curvature import basis
 from lossland.curvature.operators import compiled_call
 from lossland.curvature.ritz import ritz_pairs, ritz_residual_estimates
 
-_WHICH = ("largest", "magnitude")
+_WHICH = ("largest", "magnitude", "smallest")
 _WARM_V0_WEIGHT = 0.1     # share of v0 mixed into a warm start (see `warm_start_vector`)
 
 
@@ -27,7 +27,8 @@ class LanczosResult(NamedTuple):
 
     Attributes:
       eigenvalues: (k,) Ritz values, descending (algebraic order, also for
-        which="magnitude").
+        which="magnitude"); ascending for which="smallest", so that
+        eigenvalues[0] is λ_min.
       eigenvectors: (k, P) Ritz vectors, orthonormal rows, row i for value i.
       residuals: (k,) ‖H v_i − λ_i v_i‖ for each returned pair, computed from the
         Arnoldi relation (see `lanczos_top_k`), with no extra matvec.
@@ -241,9 +242,14 @@ def lanczos_top_k(matvec: Callable[[jax.Array], jax.Array], v0: jax.Array, k: in
         start for k ≥ 5: a block of m vectors only raises the polynomial
         degree once per m matvecs.) v0 is also kept as the first restart
         direction after a breakdown.
-      which: "largest" (algebraic; negative eigenvalues are fine) or
-        "magnitude" (largest |λ|). Either way the k selected pairs are
-        returned in descending algebraic order.
+      which: "largest" (algebraic; negative eigenvalues are fine),
+        "magnitude" (largest |λ|) or "smallest" (algebraic: the most negative
+        first, e.g. λ_min of a Hessian at a saddle). "largest" and "magnitude"
+        return the k selected pairs in descending algebraic order, "smallest"
+        in ascending order. The Krylov space is the same for every `which`
+        (it is shift-invariant); only the Ritz pairs kept and the stopping
+        rule differ. A tol stop is relative to |θ|, so for λ_min ≈ 0 it may
+        never trigger and num_iters is then the budget.
 
     Returns:
       LanczosResult(eigenvalues, eigenvectors, residuals, num_matvecs).

@@ -2,7 +2,8 @@
 
 Owns the per-batch products of the Hessian and of its Gauss–Newton part with
 one vector (`hvp`, `gnvp`) or with a block of b vectors (`block_hvp`,
-`block_gnvp`: the forward and reverse passes at θ are shared by the block).
+`block_gnvp`: the forward and reverse passes at θ are shared by the block),
+and the empirical Fisher product (`empirical_fisher_vp`).
 It knows nothing of chunks, devices or eigensolvers: the chunked full-batch
 forms live in `lossland.objective`, the solvers in `lanczos` and `block`.
 """
@@ -98,3 +99,31 @@ def block_gnvp(model_fn: Callable[[PyTree], jax.Array],
     _, output_hessian_times = jax.linearize(jax.grad(output_loss_fn), z)
     _, vjp_fn = jax.vjp(model_fn, params)
     return _over_block(lambda v: vjp_fn(output_hessian_times(jacobian_times(v)))[0], V, batching)
+
+
+def empirical_fisher_vp(per_example_loss_fn: Callable[[PyTree], jax.Array], params: PyTree,
+                        v: PyTree, weights: jax.Array | None = None) -> PyTree:
+    """F v = Σ_i w_i g_i (g_iᵀ v), g_i = ∇ ℓ_i(params): the empirical Fisher product.
+
+    `per_example_loss_fn(params)` returns the (m,) vector of per-example losses
+    ℓ_i; the weights default to 1/m (the mean). The per-example gradients are
+    never formed: one forward-mode pass gives every g_iᵀ v (the jvp of the loss
+    vector), one reverse pass gives Σ_i g_i (w_i g_iᵀ v) (its vjp), so a product
+    costs about one HVP whatever m is.
+
+    How F relates to the Gauss–Newton G. With z_i = f(θ, x_i) and J_i = ∂z_i/∂θ,
+    g_i = J_iᵀ ∇_z ℓ_i, so
+        F = Σ_i w_i J_iᵀ (∇_z ℓ_i ∇_z ℓ_iᵀ) J_i,    G = Σ_i w_i J_iᵀ H_out,i J_i.
+    F uses the observed label's gradient outer product where G has the output
+    Hessian. For MSE (½‖z − y‖², a unit-variance Gaussian likelihood) H_out = I,
+    and for softmax cross-entropy H_out = diag(p) − ppᵀ; in both cases H_out is
+    the expectation of ∇_z ℓ ∇_z ℓᵀ over labels drawn from the model's own
+    predictive distribution, so G is the (true) Fisher information and F its
+    empirical estimate with the observed labels. F ≠ G in general: for MSE, F
+    vanishes as the residuals z − y vanish while G does not. F is rank ≤ m.
+    """
+    values, jvp_values = jax.jvp(per_example_loss_fn, (params,), (v,))     # g_iᵀ v
+    if weights is None:
+        weights = 1.0 / values.shape[0]
+    _, vjp_fn = jax.vjp(per_example_loss_fn, params)
+    return vjp_fn(weights * jvp_values)[0]                                 # Σ w_i g_i (g_iᵀ v)

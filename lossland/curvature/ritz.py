@@ -39,12 +39,12 @@ def ritz_pairs(T, steps, k: int, which: str = "largest"):
     theta, Y = jnp.linalg.eigh(A, symmetrize_input=False)
     Y = jnp.where(active[:, None], Y, 0.0)
     is_active = jnp.sum(Y * Y, axis=0) > 0.5
-    score = theta if which == "largest" else jnp.abs(theta)
+    score = {"largest": theta, "magnitude": jnp.abs(theta), "smallest": -theta}[which]
     score = jnp.where(is_active, score, -jnp.inf)
     _, sel = lax.top_k(score, k)
     theta, Y, valid = theta[sel], Y[:, sel], is_active[sel]
-    # Descending algebraic order, padding last.
-    order = jnp.argsort(jnp.where(valid, -theta, jnp.inf))
+    # Descending algebraic order (ascending for "smallest"), padding last.
+    order = jnp.argsort(jnp.where(valid, theta if which == "smallest" else -theta, jnp.inf))
     theta, Y, valid = theta[order], Y[:, order], valid[order]
     residuals = jnp.linalg.norm(basis.dot(T, Y) - Y * theta, axis=0)
     theta = jnp.where(valid, theta, 0.0)
@@ -103,10 +103,12 @@ def ritz_residual_estimates(T, steps, k: int, which: str = "largest"):
     # Ascending indices (in the full S-sized matrix) of the candidate eigenvalues:
     # the inactive sentinels take the S − steps lowest places.
     top = S - 1 - jnp.arange(k)
+    bottom = S - steps + jnp.arange(k)
     if which == "largest":
         targets = top
+    elif which == "smallest":
+        targets = bottom
     else:
-        bottom = S - steps + jnp.arange(k)
         targets = jnp.concatenate([top, bottom])
     lo = jnp.full(targets.shape, -radius * (1 + 4 * eps), dtype)
     hi = jnp.full(targets.shape, radius * (1 + 4 * eps), dtype)

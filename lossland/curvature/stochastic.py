@@ -117,10 +117,11 @@ class HutchinsonResult(NamedTuple):
     samples: jax.Array
 
 
-def hutchinson_trace(matvec: Callable[[jax.Array], jax.Array], v0: jax.Array, key: jax.Array,
-                     num_probes: int) -> HutchinsonResult:
-    """trace(H) ≈ mean of zᵀHz over Rademacher probes z (one matvec each, sequential).
+def probe_samples(matvec: Callable[[jax.Array], jax.Array], v0: jax.Array, key: jax.Array,
+                  num_probes: int, statistic: Callable) -> jax.Array:
+    """(num_probes,) statistic(z, Hz) over Rademacher probes z, one matvec each, sequential.
 
+    The common body of `hutchinson_trace` (zᵀHz) and `estimators.frobenius_norm_sq` (‖Hz‖²).
     v0 fixes size and dtype only.
     """
     v0 = jnp.asarray(v0)
@@ -131,10 +132,20 @@ def hutchinson_trace(matvec: Callable[[jax.Array], jax.Array], v0: jax.Array, ke
     def body(matvec, keys):
         def one(key):
             z = _rademacher(key, P, v0.dtype)
-            return jnp.vdot(z, matvec(z), precision=basis.HIGHEST)
+            return statistic(z, matvec(z))
         return lax.map(one, keys)
 
-    samples = compiled_call(body, matvec, v0, jax.random.split(key, num_probes))
+    return compiled_call(body, matvec, v0, jax.random.split(key, num_probes))
+
+
+def hutchinson_trace(matvec: Callable[[jax.Array], jax.Array], v0: jax.Array, key: jax.Array,
+                     num_probes: int) -> HutchinsonResult:
+    """trace(H) ≈ mean of zᵀHz over Rademacher probes z (one matvec each, sequential).
+
+    v0 fixes size and dtype only.
+    """
+    samples = probe_samples(matvec, v0, key, num_probes,
+                            lambda z, hz: jnp.vdot(z, hz, precision=basis.HIGHEST))
     estimate = jnp.mean(samples)
     if num_probes > 1:
         std_error = jnp.std(samples, ddof=1) / jnp.sqrt(num_probes)
