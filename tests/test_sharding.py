@@ -120,6 +120,16 @@ def _compute(out_path: str, mesh_sizes: str = "0", dtypes: str = "float32,float6
                                                       track_gn=False, lr=0.1, tracker="block")
                 row, _ = block_tracker(params, full, jax.random.key(3), None)
                 out["block_eigenvalues"] = row["eigenvalues"]
+                # The stream tracker (issue 24): cold start, then 3 fused GD steps.
+                from lossland import streaming
+                start = streaming.make_stream_start(obj, block_size=4, num_iters=20, tol=None)
+                fused = streaming.make_fused_step(obj, gd, k=3, refresh=2)
+                stream = start(params, full, jax.random.key(3))
+                p, s = params, put(gd.init(model.params))
+                for _ in range(3):
+                    p, s, metrics, row, _, stream = fused(p, s, full, stream)
+                out["stream_params"], out["stream_metrics"] = p, jnp.stack(list(metrics))
+                out["stream_eigenvalues"], out["stream_chi_k"] = row["eigenvalues"], row["chi_k"]
             for name, value in out.items():
                 flat = [np.ravel(leaf) for leaf in jax.tree_util.tree_leaves(
                     sharding.to_host(value))]
@@ -207,6 +217,7 @@ def test_sharded_kernels_equal_one_device(kernel_runs, num_devices):
                 "gd_metrics", "adam_params", "adam_metrics"}
     assert expected <= names, expected - names
     assert "lanczos_eigenvalues" in names, "lossland.tracking (the Lanczos tracker) did not import"
+    assert {"stream_params", "stream_eigenvalues"} <= names
 
 
 def test_two_processes_equal_one_device(kernel_runs):

@@ -5,6 +5,8 @@ Public API (a promise to users; keep these names and signatures):
     hvp(loss_fn, params, v)                        Hessian-vector product
     gnvp(model_fn, output_loss_fn, params, v)      Gauss–Newton-vector product
     block_hvp(loss_fn, params, V), block_gnvp(...)  the same for b tangents stacked on axis 0
+    grad_and_block_hvp(loss_fn, params, V)         (value, ∇L, H V) from one linearization
+    stream_start, stream_pending, stream_update    top-k subspace followed one product a step
     lanczos_top_k(matvec, v0, k, num_iters, *, tol=None, init_vectors=None, which="largest")
                                                    top-k eigenpairs (Lanczos, full reorth.)
     block_top_k(block_matvec, start, k, num_blocks, *, tol=None)
@@ -26,6 +28,7 @@ Modules (one idea each):
     basis       the Krylov basis buffer and twice-repeated Gram–Schmidt
     ritz        Ritz pairs and residual estimates from the Krylov coefficients
     operators   compiled_call: a solver body and its matvec as one jit program
+    stream      streaming subspace iteration: Rayleigh–Ritz on each row's latest image
     block       block_top_k: warm-started block solver on (b, P) -> (b, P) products
     lanczos     krylov_decomposition, warm_start_vector, lanczos_top_k
     stochastic  slq_density, hutchinson_trace
@@ -34,13 +37,16 @@ Modules (one idea each):
 from lossland.curvature.block import block_top_k
 from lossland.curvature.lanczos import (KrylovState, LanczosResult, krylov_decomposition,
                                         lanczos_top_k, warm_start_vector)
-from lossland.curvature.products import block_gnvp, block_hvp, gnvp, hvp
+from lossland.curvature.products import block_gnvp, block_hvp, gnvp, grad_and_block_hvp, hvp
 from lossland.curvature.ritz import ritz_pairs, ritz_residual_estimates
+from lossland.curvature.stream import (StreamRitz, StreamState, stream_pending, stream_start,
+                                      stream_update)
 from lossland.curvature.stochastic import (HutchinsonResult, SLQResult, hutchinson_trace,
                                            slq_density)
 
 __all__ = [
     "HutchinsonResult", "KrylovState", "LanczosResult", "SLQResult", "block_gnvp", "block_hvp",
-    "block_top_k", "gnvp", "hutchinson_trace", "hvp", "krylov_decomposition", "lanczos_top_k",
-    "ritz_pairs", "ritz_residual_estimates", "slq_density", "warm_start_vector",
+    "block_top_k", "gnvp", "grad_and_block_hvp", "hutchinson_trace", "hvp", "krylov_decomposition", "lanczos_top_k",
+    "ritz_pairs", "ritz_residual_estimates", "slq_density", "StreamRitz", "StreamState",
+    "stream_pending", "stream_start", "stream_update", "warm_start_vector",
 ]

@@ -98,3 +98,27 @@ def block_gnvp(model_fn: Callable[[PyTree], jax.Array],
     _, output_hessian_times = jax.linearize(jax.grad(output_loss_fn), z)
     _, vjp_fn = jax.vjp(model_fn, params)
     return _over_block(lambda v: vjp_fn(output_hessian_times(jacobian_times(v)))[0], V, batching)
+
+
+def grad_and_block_hvp(loss_fn: Callable, params: PyTree, V: PyTree, *, has_aux: bool = False,
+                       batching: str = "auto"):
+    """(∇L(θ), H v_i for each of b tangents) from one linearization of the gradient.
+
+    The gradient is the primal output of the HVP (`jax.linearize(jax.grad(L), θ)`
+    returns ∇L(θ) and v ↦ H v), so a training step that also wants H V pays
+    one forward and one reverse pass at θ plus b tangent passes, not a
+    gradient plus a block HVP.
+
+    Args:
+      loss_fn: params -> scalar, or -> (scalar, aux) with `has_aux`.
+      V: pytree of tangents stacked on a leading axis of size b.
+    Returns:
+      (value, grad, HV) where value is the loss (or (loss, aux) with has_aux),
+      grad a pytree like params and HV like V.
+    """
+    def grad_with_value(p):
+        value, grad = jax.value_and_grad(loss_fn, has_aux=has_aux)(p)
+        return grad, value
+
+    grad, hessian_times, value = jax.linearize(grad_with_value, params, has_aux=True)
+    return value, grad, _over_block(hessian_times, V, batching)
