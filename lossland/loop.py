@@ -213,7 +213,7 @@ class _Loop:
             self.stream.step(step, state.params, state.opt_state, self.data, state.stream,
                              jax.random.fold_in(self.base_key, 3))
         _, row_arrays, vectors, seconds = self.stream.last
-        row = _tracked_row(row_arrays, self.cfg.lr)
+        row = _tracked_row(streaming.shortest_floats(jax.device_get(row_arrays)), self.cfg.lr)
         if self.plain_step_seconds is None:
             self.plain_step_seconds = _median_seconds(self.exp.train_step, state.params,
                                                       state.opt_state, self.data)

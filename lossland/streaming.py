@@ -144,3 +144,21 @@ def audit_row(stream_eigenvalues, check_eigenvalues) -> dict:
     theta, lam = np.asarray(stream_eigenvalues), np.asarray(check_eigenvalues)
     rel = np.abs(theta - lam) / np.maximum(np.abs(lam), np.finfo(lam.dtype).tiny)
     return {"check_eigenvalues": lam.tolist(), "stream_check_rel_err": rel.tolist()}
+
+
+def shortest_floats(row_arrays: dict) -> dict:
+    """The row's float32 arrays as lists of the shortest decimals that round-trip in float32.
+
+    A float32 value written through Python's float repr takes 17 digits
+    (0.10000000149011612); its float32 repr ('0.1') holds the same number.
+    With a row every step this keeps metrics.jsonl about a third smaller.
+    Other dtypes pass through unchanged.
+    """
+    def short(value):
+        array = np.asarray(value)
+        if array.dtype != np.float32:
+            return value
+        shortest = [float(str(x)) for x in array.ravel()]     # str(np.float32) is shortest
+        return shortest[0] if array.ndim == 0 else np.reshape(
+            np.asarray(shortest, object), array.shape).tolist()
+    return {name: short(value) for name, value in row_arrays.items()}

@@ -100,7 +100,7 @@ def test_stream_follows_dense_eigenvalues_along_gd():
             np.testing.assert_allclose(rows[t]["residuals"], explicit, rtol=1e-8, atol=1e-12)
 
 
-@pytest.mark.parametrize("refresh", [4, 1])
+@pytest.mark.parametrize("refresh", [4, 2, 1])
 def test_stream_converges_to_dense_eigenpairs_at_a_fixed_point(refresh):
     """With θ fixed, stale images are exact ones: any refresh count converges to eigh."""
     with jax.enable_x64(True):

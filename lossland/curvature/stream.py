@@ -14,15 +14,19 @@ the m = `refresh` pending rows get fresh images H_t v, then
      T = Y diag(θ) Yᵀ, θ descending; Ritz vectors U = Yᵀ V, their images
      G = Yᵀ W, residuals ‖G_i − θ_i U_i‖.
   2. The block is rotated to the Ritz basis (V ← U, W ← G, images follow
-     linearly), and the next m rows in turn (a cursor over Ritz positions, so
-     every row gets a fresh image every ⌈b/m⌉ steps) take one step of
-     subspace iteration on H + σI: v ← orth((G_i + σ U_i) ⟂ the other rows).
-     Their images are computed at the next step.
+     linearly), and the rows due next take one step of subspace iteration on
+     H + σI: v ← orth((G_i + σ U_i) ⟂ the other rows); their images are
+     computed at the next step. The rows due are all of them when m = b;
+     for 1 < m < b the top Ritz row at every step (so λ1 has a fresh image
+     at every step, and the period-2 oscillation at the edge of stability is
+     not blurred by stale images) and the next m − 1 of the other b − 1 rows
+     in turn (a cursor over Ritz positions, each refreshed every
+     ⌈(b−1)/(m−1)⌉ steps); for m = 1 < b one row in turn.
 
 Exactness. When m = b every image is from step t, so G = H_t U exactly and the
 residuals are the true ‖H_t u_i − θ_i u_i‖ (this is one step of subspace
 iteration with Rayleigh–Ritz per training step). When m < b the images are
-up to ⌈b/m⌉ − 1 steps old: the values and residuals are those of the matrix
+up to ⌈(b−1)/(m−1)⌉ − 1 steps old: the values and residuals are those of the matrix
 the stale images define, and their error is measured by the accuracy audit
 (`--stream_check_every`), not claimed exact.
 
@@ -72,7 +76,23 @@ def stream_start(vectors: jax.Array, values: jax.Array, shift) -> StreamState:
 
 
 def _slots(cursor, refresh: int, b: int):
-    return (cursor + jnp.arange(refresh)) % b
+    """The rows imaged at a step: all; or the top row and the next m − 1 of the others in
+    turn; or, for m = 1 < b, one row in turn."""
+    if refresh == b:
+        return jnp.arange(b)
+    if refresh == 1:
+        return (cursor + jnp.arange(1)) % b
+    return jnp.concatenate([jnp.zeros(1, jnp.int32),
+                            1 + (cursor + jnp.arange(refresh - 1, dtype=jnp.int32)) % (b - 1)])
+
+
+def _advance(cursor, refresh: int, b: int):
+    """The cursor of the next step (see `_slots`)."""
+    if refresh == b:
+        return cursor
+    if refresh == 1:
+        return (cursor + 1) % b
+    return (cursor + refresh - 1) % (b - 1)
 
 
 def stream_pending(state: StreamState, refresh: int) -> jax.Array:
@@ -98,7 +118,7 @@ def stream_update(state: StreamState, fresh_images: jax.Array) -> tuple[StreamSt
     U, G = dot(Y.T, V), dot(Y.T, W)
     residuals = jnp.linalg.norm(G - theta[:, None] * U, axis=1)
     shift = jnp.maximum(state.shift, -theta[-1])
-    cursor = (state.cursor + m) % b
+    cursor = _advance(state.cursor, m, b)
     due = _slots(cursor, m, b)
     is_due = jnp.zeros((b,), bool).at[due].set(True)
     # One step of subspace iteration on H + σI for the due rows, kept orthogonal to
