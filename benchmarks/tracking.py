@@ -82,11 +82,11 @@ def parse_args(argv=None):
     p.add_argument("--stream_ref_every", type=int, default=5, help="Reference Lanczos every "
                    "this many steps after the burn-in.")
     p.add_argument("--stream_lr", type=float, default=0.0, help="lr of the stream run "
-                   "(0 = 1.9/λ1(θ_0): the run reaches the edge of stability).")
+                   "(0 = 1/λ1(θ_0): the run reaches the edge of stability).")
     args = p.parse_args(argv)
     if args.quick:
         args.n, args.steps, args.width = 1000, 10, 128
-        args.stream_steps, args.stream_ref_every = 150, 5
+        args.stream_steps, args.stream_ref_every = 120, 5
     for name in ("n", "steps", "width", "k", "block_size", "lobpcg_iters", "chunk_size"):
         if getattr(args, name) <= 0:
             p.error(f"--{name}={getattr(args, name)} must be > 0")
