@@ -27,6 +27,9 @@ Keys (all measured in this one process; ratios are of medians):
   (a cold solve at θ_0, tol 1e-3), eig_max_rel_err (that cold solve's top-k against a
   float64 Lanczos reference at tol 1e-6); tracked_every_step_ratio (best contender's
   tracked / untracked) and targets (issue 13's, each true or false).
+  stream_step_ratio, stream_eig_rel_err, stream_eig_rel_err_max, stream_details: the stream
+  tracker's figures at k in --stream_ks on its own GD trajectory into the edge of stability
+  (benchmarks/stream_figures.py); targets gain issue 24's.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
+from benchmarks.stream_figures import stream_figures
 from lossland import curvature, data, losses, models, objective
 
 CONTENDERS = ("lanczos_cold", "lanczos_warm", "block", "eigsh", "lobpcg")
@@ -71,9 +75,18 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--contenders", default=",".join(CONTENDERS))
     p.add_argument("--out", default="runs/bench/tracking.json", help="JSON output path.")
+    p.add_argument("--stream_ks", default="1,10", help="k values of the stream tracker's "
+                   "figures (benchmarks/stream_figures.py); empty = skip.")
+    p.add_argument("--stream_steps", type=int, default=300, help="GD steps of the stream run.")
+    p.add_argument("--stream_burn_in", type=int, default=50)
+    p.add_argument("--stream_ref_every", type=int, default=5, help="Reference Lanczos every "
+                   "this many steps after the burn-in.")
+    p.add_argument("--stream_lr", type=float, default=0.0, help="lr of the stream run "
+                   "(0 = 1/λ1(θ_0): the run reaches the edge of stability).")
     args = p.parse_args(argv)
     if args.quick:
         args.n, args.steps, args.width = 1000, 10, 128
+        args.stream_steps, args.stream_ref_every = 120, 5
     for name in ("n", "steps", "width", "k", "block_size", "lobpcg_iters", "chunk_size"):
         if getattr(args, name) <= 0:
             p.error(f"--{name}={getattr(args, name)} must be > 0")
@@ -282,6 +295,7 @@ def main(argv=None):
             per[name]["error"] = f"{type(error).__name__}: {str(error)[:300]}"
         log(name, json.dumps(per[name]))
     out["contenders"] = per
+    out.update(stream_figures(obj, params, args, float(reference[0]), log))
     ok = {n: r for n, r in per.items() if "tracked_step_seconds" in r}
     best = min(ok, key=lambda n: ok[n]["tracked_step_seconds"]) if ok else None
     for key_name in ("tracked_step_seconds", "hvp_equivalents_per_tracked_step",
@@ -299,6 +313,16 @@ def main(argv=None):
         "every_eig_max_rel_err<=1e-3": all((r.get("eig_max_rel_err") or 1.0) <= 1e-3
                                            for r in per.values()),
     }
+    figure = lambda name, k: out[name].get(k) if out[name].get(k) is not None else float("inf")
+    if "1" in out["stream_step_ratio"]:
+        out["targets"].update({
+            "stream_step_ratio[1]<=2": figure("stream_step_ratio", "1") <= 2.0,
+            "stream_eig_rel_err[1]<=2e-3": figure("stream_eig_rel_err", "1") <= 2e-3,
+            "stream_eig_rel_err_max[1]<=2e-2": figure("stream_eig_rel_err_max", "1") <= 2e-2})
+    if "10" in out["stream_step_ratio"]:
+        out["targets"].update({
+            "stream_step_ratio[10]<=12": figure("stream_step_ratio", "10") <= 12.0,
+            "stream_eig_rel_err[10]<=2e-2": figure("stream_eig_rel_err", "10") <= 2e-2})
     out["workload"]["load_after"] = os.getloadavg()[0]
     out["wall_seconds"] = time.time() - t_start
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

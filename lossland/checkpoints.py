@@ -1,7 +1,8 @@
 """Orbax checkpoints of the full training state.
 
 A checkpoint at step s holds θ_s, the optimizer state, the warm-start
-eigenvectors of the last tracked step before s, and the elapsed wall time;
+eigenvectors of the last tracked step before s, the stream tracker's block
+(pending for step s), and the elapsed wall time;
 everything `runner` needs to continue as if it had never stopped.
 
 Commit marker (orbax 0.12, the default atomic-rename mode): a save writes
@@ -26,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.flatten_util import ravel_pytree
 
-from lossland import records
+from lossland import curvature, records
 
 
 @flax.struct.dataclass
@@ -44,15 +45,21 @@ class TrainState:
                          # zeros before it)
     cum_delta_top: Any   # float scalar: Σ ΔL_top over the tracked steps so far
     cum_delta_bulk: Any  # float scalar: Σ ΔL_bulk over the tracked steps so far
+    stream: Any          # curvature.StreamState of --tracker=stream, pending for `step`
+                         # (cursor −1 until started; a (1, P) placeholder for other trackers)
 
 
-def initial_state(params, opt_state, track_k: int) -> TrainState:
+def initial_state(params, opt_state, track_k: int, stream_block: int = 1) -> TrainState:
+    """The state at step 0; `stream_block` rows for the stream tracker's block."""
     flat = ravel_pytree(params)[0]
+    zeros = jnp.zeros((stream_block, flat.shape[0]), flat.dtype)
+    stream = curvature.StreamState(basis=zeros, images=zeros, shift=jnp.zeros((), flat.dtype),
+                                   cursor=jnp.int32(-1))
     return TrainState(step=0, params=params, opt_state=opt_state,
                       eigvecs=jnp.zeros((track_k, flat.shape[0]), flat.dtype),
                       has_eigvecs=False, last_lambda1=0.0, wall_time=0.0,
                       displacement=jnp.zeros_like(flat), init_v1=jnp.zeros_like(flat),
-                      cum_delta_top=0.0, cum_delta_bulk=0.0)
+                      cum_delta_top=0.0, cum_delta_bulk=0.0, stream=stream)
 
 
 TMP_DIR_MARK = ".orbax-checkpoint-tmp"   # orbax's atomicity_types.TMP_DIR_SUFFIX

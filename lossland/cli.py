@@ -88,12 +88,19 @@ def define_run_flags(**default_overrides) -> None:
     flags.DEFINE_float("lanczos_tol", d.lanczos_tol, "Stop Lanczos once every top-k Ritz "
                        "residual ≤ tol·|λ| (0 = run all --lanczos_iters).")
     flags.DEFINE_enum("tracker", d.tracker, list(config_lib.TRACKERS), "Top-k solver per tracked "
-                      "step: lanczos (one HVP per iteration, warm-started) or block (warm-started "
-                      "block Davidson on block HVPs of --track_block_size vectors; see "
-                      "BUILD_NOTES for which is faster where).")
-    flags.DEFINE_integer("track_block_size", d.track_block_size, "Vectors per block product "
-                         "for --tracker=block (0 = track_k + 2; must be >= --track_k).",
-                         lower_bound=0)
+                      "step: lanczos (one HVP per iteration, warm-started), block (warm-started "
+                      "block Davidson on block HVPs of --track_block_size vectors; retired, see "
+                      "BUILD_NOTES) or stream (H·V fused into every GD step, the top-k subspace "
+                      "followed by one subspace-iteration step a step; README 'Which tracker').")
+    flags.DEFINE_integer("track_block_size", d.track_block_size, "Vectors in the block of "
+                         "--tracker=block or stream (0 = track_k + 2, or 1 for stream at "
+                         "--track_k=1; must be >= --track_k).", lower_bound=0)
+    flags.DEFINE_integer("stream_refresh", d.stream_refresh, "--tracker=stream: block rows "
+                         "multiplied by H at each step (0 = all of a block of <= 2, else "
+                         "ceil(b/3)). Each costs about one tangent pass.")
+    flags.DEFINE_integer("stream_check_every", d.stream_check_every, "--tracker=stream: a "
+                         "converged, cold Lanczos at the same θ every this many steps; the row "
+                         "gets check_eigenvalues and stream_check_rel_err (0 = off).")
     flags.DEFINE_boolean("track_gn", d.track_gn, "Also track the top eigenvalues of the "
                          "Gauss–Newton part G = JᵀH_outJ and of the residual H − G.")
     flags.DEFINE_integer("density_every", d.density_every, "Stochastic-Lanczos spectral density "

@@ -22,7 +22,7 @@ DTYPES = ("float32", "float64")
 # bfloat16 passes on TPU. The CPU computes float32 products in float32 either way.
 MATMUL_PRECISIONS = ("highest", "default")
 PROJECTIONS = ("none", "dom", "bulk")
-TRACKERS = ("lanczos", "block")
+TRACKERS = ("lanczos", "block", "stream")
 
 
 class ConfigError(ValueError):
@@ -69,7 +69,9 @@ class RunConfig:
     lanczos_tol: float = 1e-3
     track_gn: bool = False
     tracker: str = "lanczos"     # lanczos: one HVP per iteration; block: block products (issue 13)
-    track_block_size: int = 0    # block tracker's b (0 = track_k + 2); >= track_k
+    track_block_size: int = 0    # block/stream tracker's b (0 = default_block_size); >= track_k
+    stream_refresh: int = 0      # stream: rows imaged per step (0 = streaming.default_refresh)
+    stream_check_every: int = 100  # stream: a converged Lanczos audit every this many steps (0 = off)
     density_every: int = 0       # 0 = off
     track_layers: bool = False   # per-layer Hessian blocks' top eigenvalues (issue 23)
     track_layers_k: int = 1
@@ -157,6 +159,7 @@ def validate(cfg: RunConfig) -> None:
     _require(cfg.track_block_size == 0 or cfg.track_block_size >= cfg.track_k, "track_block_size",
              cfg.track_block_size, f"a block holds the k={cfg.track_k} tracked vectors, so it "
              "must be >= --track_k (or 0 = track_k + 2)", "Raise --track_block_size.")
+    _validate_stream(cfg)
     _require(cfg.lanczos_tol >= 0, "lanczos_tol", cfg.lanczos_tol, "must be >= 0 (0 = no early stop)")
     _require(cfg.density_every >= 0, "density_every", cfg.density_every, "must be >= 0 (0 = off)")
     if cfg.density_every:
@@ -238,6 +241,30 @@ def validate_layers(cfg: RunConfig, params) -> None:
              "eigenvalues exist", f"Use --track_layers_k<={smallest[1].size}.")
 
 
+def _validate_stream(cfg: RunConfig) -> None:
+    """The stream tracker's settings (issue 24): its step is the fused full-batch GD step."""
+    _require(cfg.stream_check_every >= 0, "stream_check_every", cfg.stream_check_every,
+             "must be >= 0 (0 = no audit)")
+    _require(cfg.stream_refresh >= 0, "stream_refresh", cfg.stream_refresh,
+             "must be >= 0 (0 = the default for the block size)")
+    if cfg.tracker != "stream" or not cfg.track_every:
+        return
+    _require(cfg.optimizer in train_lib.FULL_BATCH_OPTIMIZERS, "optimizer", cfg.optimizer,
+             "--tracker=stream fuses H·V into the full-batch gradient step, so it needs one of "
+             f"{list(train_lib.FULL_BATCH_OPTIMIZERS)}", "Use --tracker=lanczos with this optimizer.")
+    _require(cfg.projection == "none", "projection", cfg.projection,
+             "--tracker=stream does not run projected steps", "Use --tracker=lanczos.")
+    _require(not cfg.track_gn, "track_gn", cfg.track_gn, "--tracker=stream tracks H only",
+             "Use --tracker=lanczos for the Gauss–Newton split.")
+    _require(cfg.stream_refresh <= block_size(cfg), "stream_refresh", cfg.stream_refresh,
+             f"at most the block's {block_size(cfg)} rows can be imaged per step",
+             "Lower --stream_refresh or raise --track_block_size.")
+    if cfg.stream_check_every:
+        _require(cfg.stream_check_every % cfg.track_every == 0, "stream_check_every",
+                 cfg.stream_check_every, "the audit goes into a tracked row, so it must be a "
+                 f"multiple of --track_every={cfg.track_every}")
+
+
 def validate_for_model(cfg: RunConfig, num_params: int) -> None:
     """Checks the settings bounded by the parameter count P (known once the model is built).
 
@@ -248,7 +275,7 @@ def validate_for_model(cfg: RunConfig, num_params: int) -> None:
         _require(cfg.track_k <= num_params, "track_k", cfg.track_k,
                  f"the model has {num_params} parameters, so at most {num_params} eigenpairs "
                  "exist", f"Use --track_k<={num_params}.")
-        if cfg.tracker == "block":
+        if cfg.tracker in ("block", "stream"):
             _require(block_size(cfg) <= num_params, "track_block_size", block_size(cfg),
                      f"the model has {num_params} parameters", "Lower --track_block_size.")
     if cfg.projection != "none":
@@ -257,5 +284,17 @@ def validate_for_model(cfg: RunConfig, num_params: int) -> None:
 
 
 def block_size(cfg: RunConfig) -> int:
-    """The block tracker's b: --track_block_size, or track_k + 2 when it is 0."""
-    return cfg.track_block_size or cfg.track_k + 2
+    """The block or stream tracker's b: --track_block_size, or its default when 0.
+
+    The default is track_k + 2, except for the stream tracker at k = 1, whose
+    default block is the one vector (shifted power iteration; BUILD_NOTES.md).
+    """
+    if cfg.track_block_size:
+        return cfg.track_block_size
+    return 1 if cfg.tracker == "stream" and cfg.track_k == 1 else cfg.track_k + 2
+
+
+def stream_refresh(cfg: RunConfig) -> int:
+    """Rows of the stream block imaged per step: --stream_refresh, or the default when 0."""
+    from lossland import streaming  # the default lives with the tracker
+    return cfg.stream_refresh or streaming.default_refresh(cfg.track_k, block_size(cfg))

@@ -155,4 +155,4 @@ def place_state(state, mesh):
     """
     return state.replace(**{name: sharding.replicate(getattr(state, name), mesh)
                             for name in ("params", "opt_state", "eigvecs", "displacement",
-                                         "init_v1")})
+                                         "init_v1", "stream")})

@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from lossland import checkpoints, config as config_lib, distributed, eos, lifecycle, records
-from lossland import sharding
+from lossland import sharding, streaming
 from lossland import train as train_lib
 from lossland import tracking as tracking_lib
 from lossland import tracking_extras
@@ -71,6 +72,10 @@ class _Loop:
                                                   block_size=config_lib.block_size(cfg))
                         if cfg.track_every else None)
         self.extras = tracking_extras.make_extras(self.objective, exp.model.params, cfg)
+        # --tracker=stream: every step is the fused step; self.tracker is then the audit's Lanczos.
+        self.stream = (streaming.StreamDriver(self.objective, exp.optimizer, cfg)
+                       if cfg.track_every and cfg.tracker == "stream" else None)
+        self.plain_step_seconds = None   # one untracked step, the stream's cost baseline
         self.prober = _make_prober(self.objective, cfg) if cfg.probe_every else None
         self.density = (tracking_lib.make_density(self.objective, num_probes=DENSITY_PROBES,
                                                   num_iters=DENSITY_ITERS)
@@ -127,8 +132,14 @@ class _Loop:
         """
         cfg = self.cfg
         batch = self.data if self.sgd_batches is None else self.sgd_batches.batch(step)
-        new_params, new_opt_state, metrics = self.exp.train_step(state.params, state.opt_state,
-                                                                 batch)
+        if self.stream is not None:
+            new_params, new_opt_state, metrics, stream = self.stream.step(
+                step, state.params, state.opt_state, batch, state.stream,
+                jax.random.fold_in(self.base_key, 3))
+            state = state.replace(stream=stream)
+        else:
+            new_params, new_opt_state, metrics = self.exp.train_step(state.params,
+                                                                     state.opt_state, batch)
         row = {"step": step, **_scalars(metrics), "lr": cfg.lr}
         if self.sgd_batches is not None and _should_log(step, cfg):
             # Minibatch metrics are noisy: logged rows also hold the full-batch ones.
@@ -156,12 +167,15 @@ class _Loop:
         cfg, data = self.cfg, self.data
         start = time.time()
         key = jax.random.fold_in(self.base_key, step)
-        # Before the first tracked step eigvecs is all zeros, which lanczos_top_k
-        # treats as a cold start; always passing an array keeps one compilation.
-        row_arrays, vectors = self.tracker(state.params, data, key, state.eigvecs)
-        row = _tracked_row(row_arrays, cfg.lr)           # waits for the tracker's result
-        # The tracker's cost in seconds and in single full-batch HVPs (timed once per run).
-        row["tracker_time"] = time.time() - start
+        if self.stream is not None:
+            row, vectors = self.stream_row(state, step, key)
+        else:
+            # Before the first tracked step eigvecs is all zeros, which lanczos_top_k
+            # treats as a cold start; always passing an array keeps one compilation.
+            row_arrays, vectors = self.tracker(state.params, data, key, state.eigvecs)
+            row = _tracked_row(row_arrays, cfg.lr)           # waits for the tracker's result
+            # The tracker's cost in seconds and in single full-batch HVPs (timed once per run).
+            row["tracker_time"] = time.time() - start
         if self.hvp_seconds is None:
             self.hvp_seconds = _median_seconds(self.objective.hvp, state.params, state.params)
         row["hvp_equivalents"] = row["tracker_time"] / self.hvp_seconds
@@ -169,11 +183,12 @@ class _Loop:
             row.update(self.extras(state.params, data, jax.random.fold_in(key, 3), step))
         if not state.has_eigvecs:   # the first tracked step: keep v1 as the probes' control
             state = state.replace(init_v1=vectors[0])
-        state = state.replace(eigvecs=vectors, has_eigvecs=True, last_lambda1=row["eigenvalues"][0],
-                              cum_delta_top=state.cum_delta_top + row["delta_loss_top"],
-                              cum_delta_bulk=state.cum_delta_bulk + row["delta_loss_bulk"])
-        row["cum_delta_top"] = float(state.cum_delta_top)
-        row["cum_delta_bulk"] = float(state.cum_delta_bulk)
+        state = state.replace(eigvecs=vectors, has_eigvecs=True, last_lambda1=row["eigenvalues"][0])
+        if "delta_loss_top" in row:     # not in stream rows: three more losses a step
+            state = state.replace(cum_delta_top=state.cum_delta_top + row["delta_loss_top"],
+                                  cum_delta_bulk=state.cum_delta_bulk + row["delta_loss_bulk"])
+            row["cum_delta_top"] = float(state.cum_delta_top)
+            row["cum_delta_bulk"] = float(state.cum_delta_bulk)
         self.eos_monitor = eos.update(self.eos_monitor, step, row["stability_ratio"],
                                       self.eos_rule)
         row["eos_state"] = self.eos_monitor.state
@@ -188,6 +203,31 @@ class _Loop:
                                    jax.random.fold_in(key, 1), state.init_v1))
         row["track_time"] = time.time() - start
         return row, state
+
+    def stream_row(self, state, step: int, key) -> tuple[dict, Any]:
+        """The stream tracker's row at θ_step, and its top-k vectors.
+
+        The fused step at θ_step made it; at the final step, which takes no
+        optimizer step, the fused step runs once more for it (the update is
+        dropped; the checkpoint was saved before). Every --stream_check_every
+        steps a cold Lanczos at the same θ audits it. The cost is the fused
+        step's time beyond an untracked step's (timed once per run).
+        """
+        if self.stream.last is None or self.stream.last[0] != step:
+            self.stream.step(step, state.params, state.opt_state, self.data, state.stream,
+                             jax.random.fold_in(self.base_key, 3))
+        _, row_arrays, vectors, seconds = self.stream.last
+        row = _tracked_row(streaming.shortest_floats(jax.device_get(row_arrays)), self.cfg.lr)
+        if self.plain_step_seconds is None:
+            self.plain_step_seconds = _median_seconds(self.exp.train_step, state.params,
+                                                      state.opt_state, self.data)
+        row["tracker_time"] = max(seconds - self.plain_step_seconds, 0.0)
+        every = self.cfg.stream_check_every
+        if every and step % every == 0:
+            check, _ = self.tracker(state.params, self.data, jax.random.fold_in(key, 4),
+                                    jnp.zeros_like(state.eigvecs))
+            row.update(streaming.audit_row(row["eigenvalues"], check["eigenvalues"]))
+        return row, vectors
 
     def hold_met(self) -> bool:
         """The run has held the edge of stability --eos_hold_steps up to its last tracked step."""

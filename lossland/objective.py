@@ -153,6 +153,25 @@ def full_batch_block_hvp(apply_fn, per_example_loss, params, vectors, data: Chun
     return _scale(reduce_chunks(chunk_fn, data), 1.0 / data.n)
 
 
+def loss_accuracy_grad_block_hvp(apply_fn, per_example_loss, params, vectors, data: ChunkedData):
+    """Full-batch loss, accuracy, gradient and H V for b tangents, in one data pass (the fused step).
+
+    Per chunk, `curvature.grad_and_block_hvp` linearizes the gradient once: its
+    primal output is the chunk's gradient sum and its tangent map gives the
+    chunk's H V; both are summed over chunks like every other kernel here.
+    The gradient equals `loss_accuracy_grad`'s up to float rounding (the same
+    sums, compiled in a different program; see tests/test_stream.py).
+    """
+    def chunk_fn(x, y, mask):
+        chunk_loss = lambda p: masked_loss_sum(apply_fn, per_example_loss, p, x, y, mask)
+        (loss_sum, correct), grad_sum, hv_sum = curvature.grad_and_block_hvp(
+            chunk_loss, params, vectors, has_aux=True)
+        return loss_sum, correct, grad_sum, hv_sum
+    loss_sum, correct, grad_sum, hv_sum = reduce_chunks(chunk_fn, data)
+    return (loss_sum / data.n, correct / data.n, _scale(grad_sum, 1.0 / data.n),
+            _scale(hv_sum, 1.0 / data.n))
+
+
 def full_batch_gnvp(apply_fn, per_example_loss, params, v, data: ChunkedData):
     """G v = Jᵀ H_out J v for the full-batch mean loss, chunked like the HVP."""
     def chunk_fn(x, y, mask):
@@ -298,6 +317,10 @@ class Objective:
     def empirical_fisher_vp_fn(self, params, v, data):
         return full_batch_empirical_fisher_vp(self.apply_fn, self.per_example_loss, params, v,
                                               data)
+
+    def loss_accuracy_grad_block_hvp_fn(self, params, vectors, data):
+        return loss_accuracy_grad_block_hvp(self.apply_fn, self.per_example_loss, params,
+                                            vectors, data)
 
     def loss_accuracy_grad_fn(self, params, data):
         return loss_accuracy_grad(self.apply_fn, self.per_example_loss, params, data)

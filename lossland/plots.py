@@ -71,8 +71,11 @@ def plot_sharpness(runs: Sequence[tuple[str, list, float | None]], path: Path,
         color = colors[index % len(colors)]
         steps, eig_rows = _eigen_rows(rows)
         if len(eig_rows):
-            ax.plot(steps, [r["eigenvalues"][0] for r in eig_rows], color=color, lw=1.4,
+            lambda1 = [r["eigenvalues"][0] for r in eig_rows]
+            ax.plot(steps, lambda1, color=color, lw=1.4 if len(steps) < 500 else 0.6,
                     label=f"λ1, {label}")
+            if index == 0:
+                _zoom_every_step(ax, np.asarray(steps), np.asarray(lambda1), lr, color)
         if lr:
             ax.axhline(2.0 / lr, color=color, ls="--", lw=1, alpha=0.8, label=f"2/η = {2 / lr:.3g}")
     ax.set_xlabel("step")
@@ -81,6 +84,20 @@ def plot_sharpness(runs: Sequence[tuple[str, list, float | None]], path: Path,
     ax.legend(fontsize=8)
     ax.set_title(title)
     return _save(fig, path)
+
+
+def _zoom_every_step(ax, steps, lambda1, lr, color, last: int = 40) -> None:
+    """An inset of λ1 over the last `last` steps when it was tracked at every step
+    (--tracker=stream --track_every=1): the period-2 oscillation about 2/η at the edge of
+    stability is a blur at the scale of the whole run."""
+    if len(steps) < 5 * last or not np.all(np.diff(steps[-last:]) == 1):
+        return
+    inset = ax.inset_axes([0.52, 0.08, 0.45, 0.38])
+    inset.plot(steps[-last:], lambda1[-last:], color=color, lw=0.8, marker=".", ms=3)
+    if lr:
+        inset.axhline(2.0 / lr, color=color, ls="--", lw=0.8)
+    inset.set_title(f"every step, last {last}", fontsize=7)
+    inset.tick_params(labelsize=6)
 
 
 def plot_spectrum(rows, lr: float | None, path: Path) -> Path:

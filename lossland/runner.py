@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Optional
 
 from lossland import checkpoints, config as config_lib, distributed, records, sharding
+from lossland import streaming
 from lossland.experiment import (Experiment, build_experiment, enable_dtype,  # noqa: F401
                                  place_state, set_matmul_precision)
 from lossland.lifecycle import (EXIT_CODES, RESUMABLE_CHANGES, STATUS_DIVERGED,  # noqa: F401
@@ -51,7 +52,8 @@ def run(cfg: config_lib.RunConfig, *, progress: bool = True,
     config_lib.validate_for_model(cfg, exp.model.num_params)
     config_lib.validate_layers(cfg, exp.model.params)
     state = checkpoints.initial_state(exp.model.params, exp.optimizer.init(exp.model.params),
-                                      cfg.track_k if cfg.track_every else 1)
+                                      cfg.track_k if cfg.track_every else 1,
+                                      stream_block=streaming.block_rows(cfg))
     # Every process has checked the workdir before the first one changes it.
     distributed.barrier("lossland:workdir-checked")
     if resuming:

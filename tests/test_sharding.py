@@ -170,6 +170,16 @@ def _compute(out_path: str, mesh_sizes: str = "0", dtypes: str = "float32,float6
                                                       track_gn=False, lr=0.1, tracker="block")
                 row, _ = block_tracker(params, full, jax.random.key(3), None)
                 out["block_eigenvalues"] = row["eigenvalues"]
+                # The stream tracker (issue 24): cold start, then 3 fused GD steps.
+                from lossland import streaming
+                start = streaming.make_stream_start(obj, block_size=4, num_iters=20, tol=None)
+                fused = streaming.make_fused_step(obj, gd, k=3, refresh=2)
+                stream = start(params, full, jax.random.key(3))
+                p, s = params, put(gd.init(model.params))
+                for _ in range(3):
+                    p, s, metrics, row, _, stream = fused(p, s, full, stream)
+                out["stream_params"], out["stream_metrics"] = p, jnp.stack(list(metrics))
+                out["stream_eigenvalues"], out["stream_chi_k"] = row["eigenvalues"], row["chi_k"]
             # Train-mode BatchNorm: each chunk's statistics are the whole chunk's, sharded or
             # not (float64 only: the comparison is the same, at half the compile time).
             if dtype_name == "float64":
@@ -266,6 +276,7 @@ class TestShardedKernels:
         assert expected <= names, expected - names
         assert "lanczos_eigenvalues" in names, (
             "lossland.tracking (the Lanczos tracker) did not import")
+        assert {"stream_params", "stream_eigenvalues"} <= names
 
     def test_two_processes_equal_one_device(self, kernel_runs):
         """jax.distributed with 2 processes × 2 CPU devices: the multi-host code path."""

@@ -5,6 +5,8 @@ Public API (a promise to users; keep these names and signatures):
     hvp(loss_fn, params, v)                        Hessian-vector product
     gnvp(model_fn, output_loss_fn, params, v)      Gauss–Newton-vector product
     block_hvp(loss_fn, params, V), block_gnvp(...)  the same for b tangents stacked on axis 0
+    grad_and_block_hvp(loss_fn, params, V)         (value, ∇L, H V) from one linearization
+    stream_start, stream_pending, stream_update    top-k subspace followed one product a step
     lanczos_top_k(matvec, v0, k, num_iters, *, tol=None, init_vectors=None, which="largest")
                                                    top-k eigenpairs (Lanczos, full reorth.);
                                                    which="smallest" gives λ_min first
@@ -41,6 +43,7 @@ Modules (one idea each):
     basis       the Krylov basis buffer and twice-repeated Gram–Schmidt
     ritz        Ritz pairs and residual estimates from the Krylov coefficients
     operators   compiled_call: a solver body and its matvec as one jit program
+    stream      streaming subspace iteration: Rayleigh–Ritz on each row's latest image
     block       block_top_k: warm-started block solver on (b, P) -> (b, P) products
     lanczos     krylov_decomposition, warm_start_vector, lanczos_top_k
     stochastic  slq_density, hutchinson_trace
@@ -57,17 +60,21 @@ from lossland.curvature.estimators import (DiagonalResult, HutchppResult, froben
                                            hutchinson_diagonal, hutchpp_trace)
 from lossland.curvature.lanczos import (KrylovState, LanczosResult, krylov_decomposition,
                                         lanczos_top_k, warm_start_vector)
-from lossland.curvature.products import block_gnvp, block_hvp, empirical_fisher_vp, gnvp, hvp
+from lossland.curvature.products import (block_gnvp, block_hvp, empirical_fisher_vp, gnvp,
+                                         grad_and_block_hvp, hvp)
 from lossland.curvature.ritz import ritz_pairs, ritz_residual_estimates
+from lossland.curvature.stream import (StreamRitz, StreamState, stream_pending, stream_start,
+                                      stream_update)
 from lossland.curvature.stochastic import (HutchinsonResult, SLQResult, hutchinson_trace,
                                            slq_density)
 
 __all__ = [
-    "BlockSpectrum", "DiagonalResult", "HutchinsonResult", "HutchppResult", "KrylovState", "LanczosResult",
-    "NoLayerStructure", "ParamSubset", "SLQResult", "block_gnvp", "block_hvp", "block_spectra", "block_top_k",
-    "empirical_fisher_vp", "frobenius_norm_sq", "gnvp", "hutchinson_diagonal",
-    "hutchinson_trace", "hutchpp_trace", "hvp", "krylov_decomposition", "lanczos_top_k",
-    "layer_names", "layer_segment_ids", "layer_subsets", "leaf_names", "ritz_pairs",
-    "ritz_residual_estimates", "select_params", "slq_density", "subset_gnvp", "subset_hvp",
-    "warm_start_vector",
+    "BlockSpectrum", "DiagonalResult", "HutchinsonResult", "HutchppResult", "KrylovState",
+    "LanczosResult", "NoLayerStructure", "ParamSubset", "SLQResult", "StreamRitz", "StreamState",
+    "block_gnvp", "block_hvp", "block_spectra", "block_top_k", "empirical_fisher_vp",
+    "frobenius_norm_sq", "gnvp", "grad_and_block_hvp", "hutchinson_diagonal", "hutchinson_trace",
+    "hutchpp_trace", "hvp", "krylov_decomposition", "lanczos_top_k", "layer_names",
+    "layer_segment_ids", "layer_subsets", "leaf_names", "ritz_pairs", "ritz_residual_estimates",
+    "select_params", "slq_density", "stream_pending", "stream_start", "stream_update",
+    "subset_gnvp", "subset_hvp", "warm_start_vector",
 ]

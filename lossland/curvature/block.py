@@ -38,7 +38,7 @@ from lossland.curvature.basis import dot, eps, hash_vector
 from lossland.curvature.lanczos import LanczosResult
 
 
-def _orthonormalize_block(X, Q, salt):
+def orthonormalize_block(X, Q, salt):
     """Rows of X made orthonormal and orthogonal to the rows of Q (unused rows of Q are 0).
 
     Block classical Gram–Schmidt against Q twice ("twice is enough"), then
@@ -102,7 +102,7 @@ def block_top_k(block_matvec: Callable[[jax.Array], jax.Array], start: jax.Array
 
     def body(state):
         Q, HQ, T, j, _, X, _, _, _ = state
-        X = _orthonormalize_block(X, Q, j)
+        X = orthonormalize_block(X, Q, j)
         HX = block_matvec(X)
         Q = lax.dynamic_update_slice(Q, X, (j * b, jnp.int32(0)))
         HQ = lax.dynamic_update_slice(HQ, HX, (j * b, jnp.int32(0)))

@@ -127,3 +127,27 @@ def empirical_fisher_vp(per_example_loss_fn: Callable[[PyTree], jax.Array], para
         weights = 1.0 / values.shape[0]
     _, vjp_fn = jax.vjp(per_example_loss_fn, params)
     return vjp_fn(weights * jvp_values)[0]                                 # Σ w_i g_i (g_iᵀ v)
+
+
+def grad_and_block_hvp(loss_fn: Callable, params: PyTree, V: PyTree, *, has_aux: bool = False,
+                       batching: str = "auto"):
+    """(∇L(θ), H v_i for each of b tangents) from one linearization of the gradient.
+
+    The gradient is the primal output of the HVP (`jax.linearize(jax.grad(L), θ)`
+    returns ∇L(θ) and v ↦ H v), so a training step that also wants H V pays
+    one forward and one reverse pass at θ plus b tangent passes, not a
+    gradient plus a block HVP.
+
+    Args:
+      loss_fn: params -> scalar, or -> (scalar, aux) with `has_aux`.
+      V: pytree of tangents stacked on a leading axis of size b.
+    Returns:
+      (value, grad, HV) where value is the loss (or (loss, aux) with has_aux),
+      grad a pytree like params and HV like V.
+    """
+    def grad_with_value(p):
+        value, grad = jax.value_and_grad(loss_fn, has_aux=has_aux)(p)
+        return grad, value
+
+    grad, hessian_times, value = jax.linearize(grad_with_value, params, has_aux=True)
+    return value, grad, _over_block(hessian_times, V, batching)

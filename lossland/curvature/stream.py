@@ -1,0 +1,129 @@
+"""Streaming subspace iteration: the top-k eigenpairs of a slowly moving H_t, one product a step.
+
+Owns the state and the update of the stream tracker (`lossland.streaming`).
+It makes no products itself: the caller multiplies the `stream_pending` rows by
+H_t (inside the fused training step, `grad_and_block_hvp`) and hands the images
+to `stream_update`.
+
+The state is a block V of b orthonormal rows and, beside it, W: row i of W is
+the latest image H_{t_i} v_i of row i, computed at some step t_i ≤ t. At step t
+the m = `refresh` pending rows get fresh images H_t v, then
+
+  1. Rayleigh–Ritz over the whole block with each row's latest image:
+     T = ½(V Wᵀ + W Vᵀ) (symmetrized: stale rows make V Wᵀ non-symmetric),
+     T = Y diag(θ) Yᵀ, θ descending; Ritz vectors U = Yᵀ V, their images
+     G = Yᵀ W, residuals ‖G_i − θ_i U_i‖.
+  2. The block is rotated to the Ritz basis (V ← U, W ← G, images follow
+     linearly), and the rows due next take one step of subspace iteration on
+     H + σI: v ← orth((G_i + σ U_i) ⟂ the other rows); their images are
+     computed at the next step. The rows due are all of them when m = b;
+     for 1 < m < b the top Ritz row at every step (so λ1 has a fresh image
+     at every step, and the period-2 oscillation at the edge of stability is
+     not blurred by stale images) and the next m − 1 of the other b − 1 rows
+     in turn (a cursor over Ritz positions, each refreshed every
+     ⌈(b−1)/(m−1)⌉ steps); for m = 1 < b one row in turn.
+
+Exactness. When m = b every image is from step t, so G = H_t U exactly and the
+residuals are the true ‖H_t u_i − θ_i u_i‖ (this is one step of subspace
+iteration with Rayleigh–Ritz per training step). When m < b the images are
+up to ⌈(b−1)/(m−1)⌉ − 1 steps old: the values and residuals are those of the matrix
+the stale images define, and their error is measured by the accuracy audit
+(`--stream_check_every`), not claimed exact.
+
+Largest algebraic. Subspace iteration amplifies the largest |λ + σ|. With
+σ ≥ −λ_min every λ + σ ≥ 0 and the order is the algebraic one, so a large
+negative eigenvalue never crowds the top out. σ starts from a cheap bound
+(the smallest Ritz value of the cold-start Lanczos, negated) and rises to
+−θ_min whenever a Ritz value of the block falls below −σ (σ never falls, so
+the state stays a pure function of the trajectory). Rayleigh–Ritz itself
+ranks algebraically, whatever σ is.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lossland.curvature.basis import dot
+from lossland.curvature.block import orthonormalize_block
+
+
+class StreamState(NamedTuple):
+    basis: jax.Array    # (b, P) V, orthonormal rows
+    images: jax.Array   # (b, P) W, row i the latest image H_{t_i} v_i
+    shift: jax.Array    # scalar σ ≥ 0: the iteration runs on H + σI
+    cursor: jax.Array   # int32: the first of the rows imaged at the next step
+
+
+class StreamRitz(NamedTuple):
+    eigenvalues: jax.Array   # (b,) Ritz values, descending
+    eigenvectors: jax.Array  # (b, P) Ritz vectors, orthonormal rows
+    residuals: jax.Array     # (b,) ‖G_i − θ_i u_i‖ from the latest images (exact when m = b)
+
+
+def stream_start(vectors: jax.Array, values: jax.Array, shift) -> StreamState:
+    """A state from b approximate eigenpairs, e.g. a short Lanczos's top-b Ritz pairs.
+
+    The images start as θ_i v_i: wrong by the Ritz residuals until each row's
+    first fresh image replaces them. `shift` is σ (see the module docstring).
+    """
+    basis = orthonormalize_block(vectors, jnp.zeros_like(vectors), 0)
+    return StreamState(basis=basis, images=values[:, None] * basis,
+                       shift=jnp.maximum(jnp.asarray(shift, vectors.dtype), 0.0),
+                       cursor=jnp.int32(0))
+
+
+def _slots(cursor, refresh: int, b: int):
+    """The rows imaged at a step: all; or the top row and the next m − 1 of the others in
+    turn; or, for m = 1 < b, one row in turn."""
+    if refresh == b:
+        return jnp.arange(b)
+    if refresh == 1:
+        return (cursor + jnp.arange(1)) % b
+    return jnp.concatenate([jnp.zeros(1, jnp.int32),
+                            1 + (cursor + jnp.arange(refresh - 1, dtype=jnp.int32)) % (b - 1)])
+
+
+def _advance(cursor, refresh: int, b: int):
+    """The cursor of the next step (see `_slots`)."""
+    if refresh == b:
+        return cursor
+    if refresh == 1:
+        return (cursor + 1) % b
+    return (cursor + refresh - 1) % (b - 1)
+
+
+def stream_pending(state: StreamState, refresh: int) -> jax.Array:
+    """(refresh, P): the rows whose images H_t V the caller computes at this step."""
+    return state.basis[_slots(state.cursor, refresh, state.basis.shape[0])]
+
+
+def stream_update(state: StreamState, fresh_images: jax.Array) -> tuple[StreamState, StreamRitz]:
+    """Rayleigh–Ritz with the pending rows' fresh images, then the next block.
+
+    Args:
+      state: the block whose `stream_pending` rows were multiplied by H_t.
+      fresh_images: (m, P) H_t times those rows; m (static) is the refresh count.
+    Returns:
+      (the state for step t + 1, the Ritz pairs of H_t on span V at step t).
+    """
+    V = state.basis
+    b, m = V.shape[0], fresh_images.shape[0]
+    W = state.images.at[_slots(state.cursor, m, b)].set(fresh_images)
+    T = dot(V, W.T)
+    theta, Y = jnp.linalg.eigh(0.5 * (T + T.T))
+    theta, Y = theta[::-1], Y[:, ::-1]
+    U, G = dot(Y.T, V), dot(Y.T, W)
+    residuals = jnp.linalg.norm(G - theta[:, None] * U, axis=1)
+    shift = jnp.maximum(state.shift, -theta[-1])
+    cursor = _advance(state.cursor, m, b)
+    due = _slots(cursor, m, b)
+    is_due = jnp.zeros((b,), bool).at[due].set(True)
+    # One step of subspace iteration on H + σI for the due rows, kept orthogonal to
+    # the others (whose vectors and images stay as they are).
+    X = G[due] + shift * U[due]
+    X = orthonormalize_block(X, jnp.where(is_due[:, None], 0.0, U), cursor)
+    new_state = StreamState(basis=U.at[due].set(X), images=G, shift=shift, cursor=cursor)
+    return new_state, StreamRitz(eigenvalues=theta, eigenvectors=U, residuals=residuals)

@@ -1,0 +1,164 @@
+"""The stream tracker (--tracker=stream): a GD step that also returns H·V, and the top-k it follows.
+
+`make_fused_step` builds the jitted step
+
+    (params, opt_state, data, stream) -> (params', opt_state', metrics, row, stream')
+
+that takes the full-batch gradient and H_t X for the m pending rows X of the
+stream block from one linearization of the gradient per chunk
+(`objective.loss_accuracy_grad_block_hvp`), applies the optimizer to that
+gradient exactly as `train.make_train_step` does, and advances the stream
+(`curvature.stream_update`). Its row holds, at θ_t: the top-k Ritz values and
+residuals of H_t on the block, χ_1, χ_k and ‖g‖ split inside/outside span V_k,
+from the gradient at hand. `make_stream_start` builds the cold start: a
+Lanczos for the top b pairs and a short one for a lower bound of the
+spectrum, which sets the shift σ.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+
+from lossland import curvature, subspace
+from lossland import train as train_lib
+from lossland.objective import Objective, flat_matvec
+
+SHIFT_ITERS = 20   # Lanczos steps of the cold start's lower spectral bound
+
+
+def default_refresh(k: int, block_size: int) -> int:
+    """Rows imaged per step when --stream_refresh is 0: all of a block of ≤ 2, else about b/3.
+
+    k = 1 with b = 1 is shifted power iteration with an exact Rayleigh quotient
+    and residual (one tangent a step); k = 10 with b = 12 images 4 rows a step.
+    """
+    return block_size if block_size <= 2 else -(-block_size // 3)
+
+
+def make_fused_step(objective: Objective, optimizer: optax.GradientTransformation, *, k: int,
+                    refresh: int):
+    """The jitted fused GD step of the stream tracker (see the module docstring)."""
+
+    def step(params, opt_state, data, stream: curvature.StreamState):
+        _, unravel = ravel_pytree(params)
+        ravel = lambda tree: ravel_pytree(tree)[0]
+        pending = jax.vmap(unravel)(curvature.stream_pending(stream, refresh))
+        loss, accuracy, grad, images = objective.loss_accuracy_grad_block_hvp_fn(
+            params, pending, data)
+        updates, opt_state = optimizer.update(grad, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        metrics = train_lib.StepMetrics(
+            loss=loss, accuracy=accuracy, grad_norm=train_lib.tree_norm(grad),
+            param_norm=train_lib.tree_norm(params), update_norm=train_lib.tree_norm(updates),
+            params_finite=jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf))
+                                             for leaf in jax.tree_util.tree_leaves(new_params)])))
+        stream, ritz = curvature.stream_update(stream, jax.vmap(ravel)(images))
+        g, V = ravel(grad), ritz.eigenvectors[:k]
+        g_sq, g_top_sq = jnp.vdot(g, g), jnp.sum(jnp.square(V @ g))
+        row = {
+            "eigenvalues": ritz.eigenvalues[:k],
+            "residuals": ritz.residuals[:k],
+            "num_matvecs": jnp.int32(refresh),
+            "chi_1": subspace.subspace_fraction(g, V[:1]),
+            "chi_k": subspace.subspace_fraction(g, V),
+            "grad_norm_top": jnp.sqrt(g_top_sq),
+            "grad_norm_bulk": jnp.sqrt(jnp.maximum(g_sq - g_top_sq, 0.0)),
+            "stream_shift": stream.shift,
+        }
+        return new_params, opt_state, metrics, row, V, stream
+
+    return jax.jit(step)
+
+
+def make_stream_start(objective: Objective, *, block_size: int, num_iters: int, tol):
+    """Jitted `start(params, data, key) -> StreamState`: the cold start at the first step.
+
+    The block is Lanczos's top-b Ritz pairs (tol as the Lanczos tracker's); σ
+    is minus the smallest Ritz value of a short Lanczos, a cheap bound of
+    −λ_min from above-ish (extreme Ritz values converge first), raised later
+    by `stream_update` if the block finds lower values.
+    """
+    def start(params, data, key):
+        hessian = flat_matvec(objective.hvp_fn, params, data)
+        theta = ravel_pytree(params)[0]
+        v0 = jax.random.normal(key, theta.shape, theta.dtype)
+        top = curvature.lanczos_top_k(hessian, v0, block_size, max(num_iters, block_size),
+                                      tol=tol or None)
+        lowest = curvature.lanczos_top_k(lambda v: -hessian(v), v0, 1,
+                                         min(SHIFT_ITERS, theta.shape[0]))
+        # −λ_min ≤ θ + ‖r‖ for the lowest pair: the residual is the margin.
+        return curvature.stream_start(top.eigenvectors, top.eigenvalues,
+                                      lowest.eigenvalues[0] + lowest.residuals[0])
+
+    return jax.jit(start)
+
+
+def placeholder_state(block_size: int, num_params: int, dtype) -> curvature.StreamState:
+    """A not-yet-started stream (cursor −1) of the right shapes: the checkpoint template."""
+    zeros = jnp.zeros((block_size, num_params), dtype)
+    return curvature.StreamState(basis=zeros, images=zeros, shift=jnp.zeros((), dtype),
+                                 cursor=jnp.int32(-1))
+
+
+def block_rows(cfg) -> int:
+    """Rows of the checkpointed stream block for a RunConfig (1, a placeholder, when off)."""
+    from lossland import config as config_lib
+    return config_lib.block_size(cfg) if cfg.tracker == "stream" and cfg.track_every else 1
+
+
+class StreamDriver:
+    """The stream tracker inside a run (`lossland.loop`): the fused step at every step.
+
+    Holds the jitted fused step and cold start, and the last step's output
+    (its row arrays, top-k vectors and wall seconds) for the loop's tracked row.
+    """
+
+    def __init__(self, objective: Objective, optimizer: optax.GradientTransformation, cfg):
+        from lossland import config as config_lib
+        self.fused = make_fused_step(objective, optimizer, k=cfg.track_k,
+                                     refresh=config_lib.stream_refresh(cfg))
+        self.start = make_stream_start(objective, block_size=config_lib.block_size(cfg),
+                                       num_iters=cfg.lanczos_iters, tol=cfg.lanczos_tol)
+        self.last = None    # (step, row arrays, (k, P) Ritz vectors, seconds of the fused step)
+
+    def step(self, step: int, params, opt_state, data, stream, key):
+        """The fused step at θ_step: (params', opt_state', metrics, stream')."""
+        if int(stream.cursor) < 0:      # a fresh run; a resumed one restores its block
+            stream = self.start(params, data, key)
+        start = time.perf_counter()
+        params, opt_state, metrics, row, vectors, stream = self.fused(params, opt_state, data,
+                                                                      stream)
+        jax.block_until_ready(row)
+        self.last = (step, row, vectors, time.perf_counter() - start)
+        return params, opt_state, metrics, stream
+
+
+def audit_row(stream_eigenvalues, check_eigenvalues) -> dict:
+    """The accuracy audit's part of a row: the converged values and |θ − λ|/|λ| per pair."""
+    theta, lam = np.asarray(stream_eigenvalues), np.asarray(check_eigenvalues)
+    rel = np.abs(theta - lam) / np.maximum(np.abs(lam), np.finfo(lam.dtype).tiny)
+    return {"check_eigenvalues": lam.tolist(), "stream_check_rel_err": rel.tolist()}
+
+
+def shortest_floats(row_arrays: dict) -> dict:
+    """The row's float32 arrays as lists of the shortest decimals that round-trip in float32.
+
+    A float32 value written through Python's float repr takes 17 digits
+    (0.10000000149011612); its float32 repr ('0.1') holds the same number.
+    With a row every step this keeps metrics.jsonl about a third smaller.
+    Other dtypes pass through unchanged.
+    """
+    def short(value):
+        array = np.asarray(value)
+        if array.dtype != np.float32:
+            return value
+        shortest = [float(str(x)) for x in array.ravel()]     # str(np.float32) is shortest
+        return shortest[0] if array.ndim == 0 else np.reshape(
+            np.asarray(shortest, object), array.shape).tolist()
+    return {name: short(value) for name, value in row_arrays.items()}
