@@ -61,6 +61,7 @@ def test_tracked_rows_have_every_key(tmp_path):
     assert (workdir / "plots" / "sharpness.png").exists()
 
 
+@pytest.mark.slow   # the block tracker is retired (BUILD_NOTES); its kernel stays in test_block
 def test_block_tracker_every_step_agrees_with_lanczos(tmp_path):
     """--tracker=block at --track_every=1: the same eigenvalues as Lanczos, and its cost."""
     common = [*FAST, "--steps=5", "--track_every=1", "--track_k=3", "--lanczos_iters=120",

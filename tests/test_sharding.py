@@ -5,7 +5,9 @@ devices (XLA_FLAGS=--xla_force_host_platform_device_count=N): 4 devices, and
 3 devices to exercise the masked padding (n=230 and chunk 64 are not
 multiples of 3). A third run uses two *processes* of two devices each, joined
 by `jax.distributed` (gloo collectives over localhost), which is the
-multi-host code path. This file is also the script those subprocesses run:
+multi-host code path; those multi-process checks (kernels, driver with resume,
+a signal to one process) are marked slow and run in `make test-slow` (issue 22).
+This file is also the script those subprocesses run:
 
     python tests/test_sharding.py OUT.npz [MESH_SIZES [DTYPES]]   # e.g. OUT.npz 4,3 float32
 """
@@ -249,24 +251,31 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def kernel_runs(tmp_path_factory):
-    """One process with 4 devices (meshes of 4 and 3), and 2 processes × 2 devices, at once."""
+    """One process with 4 devices: one device's results and meshes of 4 and 3."""
     tmp = tmp_path_factory.mktemp("sharding")
+    _finish(_spawn(tmp / "local.npz", 4, "4,3"))
+    return dict(np.load(tmp / "local.npz"))
+
+
+@pytest.fixture(scope="module")
+def multiprocess_kernel_runs(tmp_path_factory):
+    """2 processes × 2 devices joined by jax.distributed, float32."""
+    tmp = tmp_path_factory.mktemp("sharding_mp")
     port = _free_port()
-    processes = [_spawn(tmp / "local.npz", 4, "4,3")]
-    processes += [_spawn(tmp / "mp.npz", 2, "0", "float32",
-                         JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
-                         JAX_PROCESS_ID=str(i)) for i in range(2)]
+    processes = [_spawn(tmp / "mp.npz", 2, "0", "float32",
+                        JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+                        JAX_PROCESS_ID=str(i)) for i in range(2)]
     for process in processes:
         _finish(process)
-    return {name: dict(np.load(tmp / f"{name}.npz")) for name in ("local", "mp")}
+    return dict(np.load(tmp / "mp.npz"))
 
 
 class TestShardedKernels:
-    """One process with 4 devices, and 2 processes × 2 devices (the kernel_runs fixture)."""
+    """One process with 4 devices (kernel_runs); 2 processes × 2 devices (slow)."""
 
     @pytest.mark.parametrize("num_devices", [4, 3])
     def test_sharded_kernels_equal_one_device(self, kernel_runs, num_devices):
-        results = kernel_runs["local"]
+        results = kernel_runs
         assert int(results["num_devices"]) == 4
         assert _compare(results, results, f"d{num_devices}") == []
         names = {name.split("/")[2] for name in results if name.count("/") == 2}
@@ -278,11 +287,12 @@ class TestShardedKernels:
             "lossland.tracking (the Lanczos tracker) did not import")
         assert {"stream_params", "stream_eigenvalues"} <= names
 
-    def test_two_processes_equal_one_device(self, kernel_runs):
+    @pytest.mark.slow   # two more JAX processes compiling every kernel (issue 22)
+    def test_two_processes_equal_one_device(self, kernel_runs, multiprocess_kernel_runs):
         """jax.distributed with 2 processes × 2 CPU devices: the multi-host code path."""
-        results = kernel_runs["mp"]
+        results = multiprocess_kernel_runs
         assert int(results["num_processes"]) == 2 and int(results["num_devices"]) == 4
-        assert _compare(results, kernel_runs["local"], "d0") == []
+        assert _compare(results, kernel_runs, "d0") == []
 
 
 def _records(workdir: Path) -> list[dict]:
@@ -342,28 +352,31 @@ def _driver_processes(workdir: Path, *flags: str, count: int = 2) -> list[subpro
 
 @pytest.fixture(scope="module")
 def driver_runs(tmp_path_factory):
-    """Four runs of the same 4 steps, started together.
-
-    float32 on 1 and on 4 devices, float64 on 4 devices, and two processes of
-    2 devices each that stop at step 2 and are resumed (again as two
-    processes) to step 4: the multi-host path through checkpoints and resume.
-    """
+    """Three runs of the same 4 steps, started together: float32 on 1 and on 4 devices,
+    float64 on 4 devices."""
     tmp = tmp_path_factory.mktemp("driver")
     workdirs = {key: tmp / f"{key[0]}_{key[1]}" for key in
-                (("float32", 1), ("float32", 4), ("float64", 4), ("float32", "2x2"))}
+                (("float32", 1), ("float32", 4), ("float64", 4))}
     processes = [_driver(workdirs[dtype, devices], devices, f"--dtype={dtype}", "--steps=4",
-                         f"--num_devices={devices}")
-                 for dtype, devices in workdirs if devices != "2x2"]
-    processes += _driver_processes(workdirs["float32", "2x2"], "--steps=2")
+                         f"--num_devices={devices}") for dtype, devices in workdirs]
     for process in processes:
-        _finish(process)
-    for process in _driver_processes(workdirs["float32", "2x2"], "--steps=4", "--resume"):
         _finish(process)
     return workdirs
 
 
+@pytest.fixture(scope="module")
+def multiprocess_driver_run(tmp_path_factory):
+    """Two processes of 2 devices each that stop at step 2 and are resumed (again as two
+    processes) to step 4: the multi-host path through checkpoints and resume."""
+    workdir = tmp_path_factory.mktemp("driver_mp") / "float32_2x2"
+    for flags in (["--steps=2"], ["--steps=4", "--resume"]):
+        for process in _driver_processes(workdir, *flags):
+            _finish(process)
+    return workdir
+
+
 class TestShardedDriver:
-    """The driver on 1, 4 and 2 × 2 devices (the driver_runs fixture)."""
+    """The driver on 1 and 4 devices (driver_runs); on 2 processes × 2 devices (slow)."""
 
     def test_driver_records_do_not_depend_on_device_count(self, driver_runs):
         """experiments.train with --num_devices=4 writes the records of --num_devices=1.
@@ -375,8 +388,6 @@ class TestShardedDriver:
         leave them unconverged, and float32 and float64 Krylov bases part ways.)
         """
         for (dtype, devices), workdir in driver_runs.items():
-            if devices == "2x2":
-                continue
             config = json.loads((workdir / "config.json").read_text())
             assert config["num_devices"] == devices and config["flags"]["dtype"] == dtype
         one = _records(driver_runs["float32", 1])
@@ -388,14 +399,16 @@ class TestShardedDriver:
         _assert_rows_close(_records(driver_runs["float64", 4]), one, 1e-5, keys=trajectory)
 
 
-    def test_driver_two_processes_write_the_records_of_one(self, driver_runs):
+    @pytest.mark.slow   # four more driver processes (issue 22)
+    def test_driver_two_processes_write_the_records_of_one(self, driver_runs,
+                                                           multiprocess_driver_run):
         """2 processes × 2 devices, stopped at step 2 and resumed: one device's records.
 
         Only process 0 writes: a second writer would duplicate every row. The
         resumed run drops the first run's status row and continues from the
         step-2 checkpoint, which both processes saved and restored together.
         """
-        workdir = driver_runs["float32", "2x2"]
+        workdir = multiprocess_driver_run
         config = json.loads((workdir / "config.json").read_text())
         assert config["process_count"] == 2 and config["num_devices"] == 4
         rows = _records(workdir)
