@@ -314,8 +314,7 @@ def abstract_init(module, input_shape: Sequence[int]) -> tuple[Any, Any]:
     wrapped = _wrap(module)
     if isinstance(wrapped, _Nnx):
         return wrapped.init(None, None)
-    dummy = jnp.zeros((1, *input_shape))
-    return jax.eval_shape(lambda: wrapped.init(jax.random.key(0), dummy))
+    return jax.eval_shape(lambda: wrapped.init(jax.random.key(0), jnp.zeros((1, *input_shape))))
 
 
 def from_module(module, name: str, input_shape: Sequence[int], *, key, dtype=jnp.float32,
