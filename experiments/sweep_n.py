@@ -209,6 +209,7 @@ def run_config(point: GridPoint, settings: dict, workdir: Path) -> config_lib.Ru
     cfg = config_lib.RunConfig(
         dataset=point.dataset, data_dir=settings["data_dir"], n_train=point.n, model=point.model,
         width=settings["width"], depth=settings["depth"], activation=point.activation,
+        norm=settings.get("norm", "none"), patch_size=settings.get("patch_size", 4),
         loss=point.loss, optimizer="gd", lr=settings["lr"], steps=settings["max_steps"],
         seed=point.seed, workdir=str(workdir / RUNS_DIR / point.name), plots=False,
         track_every=settings["track_every"], track_k=settings["track_k"],

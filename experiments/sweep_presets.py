@@ -89,12 +89,43 @@ PRESETS = {
     # seed 0): λ1·η/2 = 1.92 at initialization, 0.66 by step 20, through 0.9 at step 80 and
     # 0.95–1.08 from step 160. Larger N sharpens more slowly (MNIST-1D above), hence the
     # 20000-step cap; runs that still miss the edge are counted in runs_at_eos, not fitted.
+    # * MNIST-1D architecture arms (issue 27): one full-batch GD setting each that enters and
+    #   holds the edge of stability (lossland.eos, hold 50 steps, tracking every 5), measured
+    #   2026-12-06 on the 2-core CPU shared with 3 other developers (load average ~9, so
+    #   steps/s are lower bounds), N = 500, seed 0, MSE:
+    #   - vit 2×32, patch 4, η = 0.06: λ1·η/2 = 283 at initialization (position embeddings),
+    #     a catapult to 0.8, sharpening back; entered at step 500, held, stopped (eos_hold)
+    #     at step 570; median λ1·η/2 while holding 0.919; χ_1 median 7e-11 (max 1e-9);
+    #     1.52 steps/s (375 s).
+    #   - resnet ResNet-8 (width 8), --norm=none, η = 0.15: λ1·η/2 ≈ 1.1 at initialization,
+    #     falling below 0.9, sharpening back; entered at step 90, stopped (eos_hold) at step
+    #     160; median λ1·η/2 from entry to stop 0.995; χ_1 median 0.79 (max 0.95); 1.11
+    #     steps/s (144 s). η = 0.25 and 0.35 entered (steps ~30) but sat above the band
+    #     (λ1·η/2 1.1–2.2) most of 250 steps.
+    #   - resnet ResNet-8 (width 8), --norm=batch, --chunk_size=500 (one ghost batch),
+    #     η = 0.14: λ1·η/2 0.99 at initialization, 0.74 by step 10, sharpening with a period-2
+    #     oscillation; entered at step 155, stopped (eos_hold) at step 415; median λ1·η/2 from
+    #     entry to stop 0.912; χ_1 median 0.79 (max 0.95); 0.80 steps/s (521 s).
+    #   Commands: python -m experiments.train --dataset=mnist1d --n_train=500 --steps=800
+    #     --track_every=5 --track_k=1 --lanczos_iters=20 --eos_hold_steps=50 --log_every=5 and
+    #     --model=vit --depth=2 --width=32 --patch_size=4 --lr=0.06, or
+    #     --model=resnet --depth=8 --width=8 --norm=none --lr=0.15, or
+    #     --model=resnet --depth=8 --width=8 --norm=batch --chunk_size=500 --lr=0.14.
+    #   The full preset's arms are keyed by model, so it carries resnet with norm=none (a
+    #   norm=batch arm would also need a --chunk_size dividing every N: its ghost batches
+    #   are part of the loss). Larger N sharpens more slowly (the MLP above), hence the caps.
     "full": dict(dataset=["mnist1d", "fashion_mnist"],
                  n_values=[500, 1000, 2000, 4000, 8000, 16000, 32000, 60000],
                  seeds=[0, 1, 2, 3, 4], width=256, depth=2, lr=0.05, max_steps=20000,
                  hold_steps=1000, track_every=20, probe_every=500, track_k=5, lanczos_iters=40,
                  probe_points=41, num_random_directions=2, probe_s_max=0.05, num_bootstrap=5000,
-                 per_dataset={"fashion_mnist": [
+                 per_dataset={"mnist1d": [
+                     dict(model="mlp"),
+                     dict(model="resnet", width=8, depth=8, norm="none", lr=0.15,
+                          activations=["relu"]),
+                     dict(model="vit", width=32, depth=2, patch_size=4, lr=0.06,
+                          activations=["gelu"])],
+                              "fashion_mnist": [
                      dict(model="mlp", width=32, depth=4, lr=0.11, activations=["relu"]),
                      dict(model="cnn", width=32, depth=2, lr=0.03, activations=["relu"])]}),
 }

@@ -123,7 +123,10 @@ class CheckpointManager:
         return self._manager.latest_step()
 
     def restore_latest(self, template: TrainState) -> TrainState | None:
-        step = self.latest_step()
+        return self.restore(template, self.latest_step())
+
+    def restore(self, template: TrainState, step: int | None) -> TrainState | None:
+        """The committed checkpoint of `step` (None: nothing to restore) in template's types."""
         if step is None:
             return None
         saveable = _to_saveable(template)

@@ -41,10 +41,18 @@ def define_run_flags(**default_overrides) -> None:
                         "..., **model_kwargs) (README: Your own model and data).")
     flags.DEFINE_string("model_kwargs", d.model_kwargs, "Plug-in models only: a JSON object of "
                         """the callable's arguments, e.g. '{"width": 64}'.""")
-    flags.DEFINE_integer("width", d.width, "Hidden units (mlp) or channels (cnn).", lower_bound=1)
-    flags.DEFINE_integer("depth", d.depth, "Hidden layers (mlp) or conv blocks (cnn).",
+    flags.DEFINE_integer("width", d.width, "Hidden units (mlp), channels (cnn; "
+                         "resnet's first stage) or embedding width (vit, a multiple of 4).",
+                         lower_bound=1)
+    flags.DEFINE_integer("depth", d.depth, "Hidden layers (mlp), conv blocks "
+                         "(cnn), 6n + 2 layers (resnet) or Transformer blocks (vit).",
                          lower_bound=1)
     flags.DEFINE_enum("activation", d.activation, sorted(models.ACTIVATIONS), "Activation.")
+    flags.DEFINE_enum("norm", d.norm, list(models.NORMS), "resnet only: normalization after "
+                      "each convolution (batch: BatchNorm in training mode, statistics per "
+                      "chunk; layer: LayerNorm over channels).")
+    flags.DEFINE_integer("patch_size", d.patch_size, "vit only: patch length (MNIST-1D) or "
+                         "side (images); must divide the input.", lower_bound=1)
     # Objective and optimizer
     flags.DEFINE_enum("loss", d.loss, sorted(losses.PER_EXAMPLE_LOSSES),
                       "Loss (mean over examples): mse = ½‖z − onehot(y)‖², cross_entropy.")

@@ -43,6 +43,8 @@ class RunConfig:
     width: int = 256
     depth: int = 2
     activation: str = "relu"
+    norm: str = "none"           # resnet only: none | batch | layer
+    patch_size: int = 4          # vit only: divides the input's length (or height and width)
     # objective and optimizer
     loss: str = "mse"
     optimizer: str = "gd"
@@ -119,6 +121,8 @@ def validate(cfg: RunConfig) -> None:
              "--activation; --model_kwargs is for plug-in models", "Drop --model_kwargs.")
     _require(cfg.activation in models.ACTIVATIONS, "activation", cfg.activation,
              f"choose one of {sorted(models.ACTIVATIONS)}")
+    _require(cfg.norm in models.NORMS, "norm", cfg.norm, f"choose one of {list(models.NORMS)}")
+    _require(cfg.patch_size >= 1, "patch_size", cfg.patch_size, "must be >= 1")
     _require(cfg.loss in losses.PER_EXAMPLE_LOSSES, "loss", cfg.loss,
              f"choose one of {sorted(losses.PER_EXAMPLE_LOSSES)}")
     _require(cfg.optimizer in train_lib.OPTIMIZERS, "optimizer", cfg.optimizer,

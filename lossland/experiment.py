@@ -73,7 +73,8 @@ def validate_model_bounds(cfg: config_lib.RunConfig) -> data_lib.DatasetInfo:
     try:
         num_params, has_state = models.describe(
             cfg.model, info.input_shape, info.num_classes, width=cfg.width, depth=cfg.depth,
-            activation=cfg.activation, model_kwargs=cfg.model_kwargs)
+            activation=cfg.activation, model_kwargs=cfg.model_kwargs, norm=cfg.norm,
+            patch_size=cfg.patch_size)
     except models.ModelError as e:
         raise config_lib.ConfigError(str(e)) from None
     config_lib.validate_for_model(cfg, num_params)
@@ -120,7 +121,8 @@ def build_experiment(cfg: config_lib.RunConfig) -> Experiment:
     init_key = jax.random.fold_in(jax.random.key(cfg.seed), 0)
     model = models.build_model(cfg.model, info.input_shape, info.num_classes, width=cfg.width,
                                depth=cfg.depth, activation=cfg.activation, key=init_key,
-                               dtype=dtype, model_kwargs=cfg.model_kwargs)
+                               dtype=dtype, model_kwargs=cfg.model_kwargs, norm=cfg.norm,
+                               patch_size=cfg.patch_size)
     model = dataclasses.replace(model, params=sharding.replicate(model.params, mesh))
     # Built shard by shard from the unpadded host arrays: no padded host copy
     # stays resident, so memory grows with the data, not twice the data.

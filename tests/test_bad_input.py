@@ -99,6 +99,11 @@ def reproduce(id, *args, expect, setup="absent"):
                 tuple(expect), setup)
 
 
+def analyze(id, *args, expect, setup="absent"):
+    return Case(f"analyze-{id}", "experiments.analyze", (*args, "--workdir={missing}"),
+                tuple(expect), setup)
+
+
 FMNIST = ("--dataset=fashion_mnist", "--data_dir={d}")
 
 CASES = [
@@ -210,7 +215,36 @@ CASES = [
     train("dataset-unknown", "--dataset=imagenet",
           expect=["--dataset='imagenet'", "fashion_mnist", "path/to/file.npz"]),
     train("model-unknown", "--model=transformer",
-          expect=["--model='transformer'", "['cnn', 'mlp']", "path/to/file.py:callable"]),
+          expect=["--model='transformer'", "['cnn', 'mlp', 'resnet', 'vit']",
+                  "path/to/file.py:callable"]),
+    # --- analyze: a run without θ, a params file that does not fit -------------------------
+    analyze("run_dir-without-checkpoints", "--run_dir={w}", setup="killed_at_start",
+            expect=["--run_dir=<root>/run", "no committed checkpoint"]),
+    analyze("run_dir-not-a-run", "--run_dir={missing}",
+            expect=["--run_dir=<root>/nowhere", "config.json", "not a lossland run"]),
+    analyze("step-not-saved", "--run_dir={w}", "--step=7", setup="finished",
+            expect=["--step=7", "checkpoints at steps [3]"]),
+    analyze("neither-run_dir-nor-params", *TINY, expect=["exactly one of --run_dir", "--params"]),
+    analyze("params-shape-mismatch", *TINY, "--params={d}/params.npz", setup="params:wrong",
+            expect=["--params=<root>/data/params.npz", "'Dense_0/kernel'", "(20, 8)",
+                    "(20, 16)"]),
+    analyze("k-over-iters", "--run_dir={w}", "--k=50", "--lanczos_iters=20", setup="finished",
+            expect=["--k=50", "--lanczos_iters=20"]),
+    train("norm-unknown", "--model=resnet", "--depth=8", "--norm=group",
+          expect=["--norm=group", "none|batch|layer"]),
+    train("norm-for-mlp", "--norm=batch", expect=["--norm='batch'", "only --model=resnet",
+                                                   "Drop --norm"]),
+    train("resnet-depth-not-6n+2", "--model=resnet", "--depth=9",
+          expect=["--depth=9", "6n + 2", "--depth=8"]),
+    train("resnet-width-too-wide", "--model=resnet", "--depth=8", "--width=1000",
+          expect=["--width=1000", "1..256"]),
+    train("vit-width-not-multiple-of-heads", "--model=vit", "--width=6",
+          expect=["--width=6", "multiple of the 4 attention heads", "--width=4"]),
+    train("vit-depth-too-deep", "--model=vit", "--depth=30", expect=["--depth=30", "1..24"]),
+    train("patch_size-zero", "--model=vit", "--patch_size=0",
+          expect=["--patch_size=0", "positive integer"]),
+    train("patch_size-does-not-divide", "--model=vit", "--dataset=mnist1d", "--patch_size=3",
+          expect=["--patch_size=3", "divide", "40", "[1, 2, 4, 5, 8, 10, 20, 40]"]),
     train("activation-unknown", "--activation=swish", expect=["--activation=swish", "tanh"]),
     train("loss-unknown", "--loss=hinge", expect=["--loss=hinge", "cross_entropy"]),
     train("optimizer-unknown", "--optimizer=lbfgs", expect=["--optimizer=lbfgs", "adam"]),
@@ -531,6 +565,11 @@ def prepare(case: Case, root: Path, finished: Path | None) -> dict:
     elif case.setup == "plugins:finished":
         _plugin_files(places["d"])
         _finished_plugin_run(workdir, places["d"])
+    elif case.setup == "params:wrong":   # TINY's MLP params, one leaf the wrong shape
+        places["d"].mkdir()
+        shapes = {"Dense_0/kernel": (20, 8), "Dense_0/bias": (16,), "Dense_1/kernel": (16, 10),
+                  "Dense_1/bias": (10,)}
+        np.savez(places["d"] / "params.npz", **{k: np.zeros(v) for k, v in shapes.items()})
     elif case.setup.startswith(("npz:", "cifar:")):
         _data_files(places["d"], case.setup.split(":", 1)[1])
     elif case.setup.startswith("fmnist:"):
@@ -722,7 +761,7 @@ def test_catalog_size_and_coverage():
     assert len(CASES) >= 25
     modules = {case.module for case in CASES}
     assert modules == {"experiments.train", "experiments.sweep_n", "experiments.eos",
-                       "experiments.subspace", "experiments.reproduce"}
+                       "experiments.subspace", "experiments.reproduce", "experiments.analyze"}
     # Every numeric flag of the driver has an out-of-range case.
     from lossland import config as config_lib
     numeric = [name for name, field in config_lib.RunConfig.__dataclass_fields__.items()

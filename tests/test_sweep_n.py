@@ -234,6 +234,9 @@ def test_each_arm_has_its_own_model_settings_and_hold(tmp_path):
                and p.model == "mlp")
     configs = [sweep_n.run_config(p, settings, tmp_path) for p in (cnn, mlp)]
     assert [(c.model, c.lr, c.depth) for c in configs] == [("cnn", 0.03, 2), ("mlp", 0.11, 4)]
+    vit = sweep_n.run_config(next(p for p in sweep_n.grid(settings) if p.model == "vit"),
+                             settings, tmp_path)   # an arm's family settings reach its runs
+    assert (vit.dataset, vit.lr, vit.width, vit.patch_size) == ("mnist1d", 0.06, 32, 4)
     # The quick preset holds its Fashion-MNIST arm 100 steps and MNIST-1D 200: the same
     # records (entered at step 20, holding from step 100, stopped at 200) are at the edge
     # of stability for the first and not for the second.

@@ -66,9 +66,6 @@ class CNN(nn.Module):
         return nn.Dense(self.num_classes)(x)
 
 
-MODELS = {"mlp": MLP, "cnn": CNN}
-
-
 def make_mlp(input_shape: Sequence[int], num_classes: int, width: int = 256, depth: int = 2,
              activation: str = "relu") -> MLP:
     """The built-in MLP as a plug-in factory (input_shape is not needed by Dense layers)."""

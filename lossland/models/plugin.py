@@ -306,6 +306,20 @@ def build(spec: str, kwargs_text: str, input_shape: Sequence[int], num_classes: 
           key, dtype=jnp.float32) -> Model:
     """Builds a plug-in and initializes it with `key` (after `check` passed)."""
     module, source = _construct(spec, kwargs_text, input_shape, num_classes, key)
+    return from_module(module, spec, input_shape, key=key, dtype=dtype, source=source)
+
+
+def abstract_init(module, input_shape: Sequence[int]) -> tuple[Any, Any]:
+    """(params, state) of a linen or NNX module as shapes: traced, never compiled or run."""
+    wrapped = _wrap(module)
+    if isinstance(wrapped, _Nnx):
+        return wrapped.init(None, None)
+    return jax.eval_shape(lambda: wrapped.init(jax.random.key(0), jnp.zeros((1, *input_shape))))
+
+
+def from_module(module, name: str, input_shape: Sequence[int], *, key, dtype=jnp.float32,
+                source: dict | None = None) -> Model:
+    """A `Model` of a constructed linen or NNX module, its params initialized with `key`."""
     wrapped = _wrap(module)
     params, state = wrapped.init(key, jnp.zeros((1, *input_shape), dtype))
     cast = lambda tree: jax.tree_util.tree_map(
@@ -316,7 +330,7 @@ def build(spec: str, kwargs_text: str, input_shape: Sequence[int], num_classes: 
     def apply(params, x):
         return wrapped.train_call(params, state, x)[0]
 
-    return Model(name=spec, apply=apply, params=params, state=state,
+    return Model(name=name, apply=apply, params=params, state=state,
                  eval_apply=wrapped.eval_call,
                  update_state=(lambda p, s, x: wrapped.train_call(p, s, x)[1]) if stateful
                  else None,

@@ -1,0 +1,71 @@
+"""experiments.analyze: the curvature of one trained model.
+
+The end-to-end test uses a tiny driver run (a 506-parameter MLP on 64 examples,
+10 steps, float64), not `make demo`, to stay fast: analyze on its last
+checkpoint must reproduce the run's last tracked eigenvalues to the Lanczos
+tolerance (both solves stop once every residual is ≤ tol·|λ|, and a residual r
+bounds the distance to an eigenvalue by r).
+"""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import run_module
+from experiments import analyze as analyze_lib
+from lossland import models, records
+
+TOL = 1e-6
+RUN = ("--dataset=gaussian_mixture", "--n_train=64", "--width=16", "--depth=1", "--steps=10",
+       "--track_every=10", "--track_k=3", "--lanczos_iters=80", f"--lanczos_tol={TOL}",
+       "--dtype=float64", "--noplots")
+
+
+def test_analyze_reproduces_the_runs_last_tracked_eigenvalues(tmp_path):
+    run, out = tmp_path / "run", tmp_path / "analysis"
+    trained = run_module("experiments.train", *RUN, f"--workdir={run}")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    last = [row for row in records.read_metrics(run) if "eigenvalues" in row][-1]
+    assert last["step"] == 10
+    done = run_module("experiments.analyze", f"--run_dir={run}", "--k=3", "--lanczos_iters=80",
+                      f"--lanczos_tol={TOL}", "--num_probes=4", "--slq_iters=8",
+                      f"--workdir={out}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "analyze: top-3 eigenpairs" in done.stderr    # the progress lines
+    analysis = json.loads((out / analyze_lib.ANALYSIS_FILE).read_text())
+    assert {"step", "eigenvalues", "residuals", "min_eigenvalue", "trace",
+            "trace_stderr"} <= set(analysis)
+    assert analysis["step"] == 10 and analysis["num_params"] == 506
+    np.testing.assert_allclose(analysis["eigenvalues"], last["eigenvalues"],
+                               rtol=2 * TOL, atol=0)
+    assert max(r / abs(l) for r, l in zip(analysis["residuals"], analysis["eigenvalues"])) \
+        <= TOL
+    # λ_min below the top-k, the trace within a few standard errors of a positive number
+    # (MSE at a generic point: the Gauss–Newton part dominates), a density that integrates to 1.
+    assert analysis["min_eigenvalue"] < analysis["eigenvalues"][-1]
+    assert analysis["trace"] > 0 and np.isfinite(analysis["trace_stderr"])
+    grid, density = (np.asarray(analysis["density"][k]) for k in ("grid", "density"))
+    assert abs(np.trapezoid(density, grid) - 1) < 1e-6
+    assert (out / "density.png").is_file()
+
+
+def test_params_file_round_trip_and_the_leaf_that_differs(tmp_path):
+    model = models.build_model("mlp", (20,), 10, width=16, depth=1, key=jax.random.key(0))
+    path = tmp_path / "params.npz"
+    analyze_lib.save_params_npz(path, model.params)
+    analyze_lib.check_params_file(str(path), model.params)
+    loaded = analyze_lib.load_params_npz(str(path), model.params)
+    for a, b in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(model.params)):
+        np.testing.assert_array_equal(a, b)
+    wider = models.build_model("mlp", (20,), 10, width=32, depth=1, key=jax.random.key(0))
+    with pytest.raises(analyze_lib.AnalyzeError, match=r"leaf 'Dense_0/bias' has shape "
+                       r"\(16,\), the model's has shape \(32,\)"):
+        analyze_lib.check_params_file(str(path), wider.params)
+    arrays = {k: np.asarray(v) for k, v in analyze_lib.named_leaves(model.params).items()}
+    del arrays["Dense_1/kernel"]
+    np.savez(tmp_path / "short.npz", **arrays)
+    with pytest.raises(analyze_lib.AnalyzeError, match="no array for the model's leaf "
+                       "'Dense_1/kernel'"):
+        analyze_lib.check_params_file(str(tmp_path / "short.npz"), model.params)
