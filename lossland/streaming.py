@@ -106,7 +106,8 @@ def placeholder_state(block_size: int, num_params: int, dtype,
     """A not-yet-started stream (phase −1) of the right shapes: the checkpoint template."""
     zeros = jnp.zeros((phases, block_size, num_params), dtype)
     return curvature.StreamState(basis=zeros, images=zeros, shift=jnp.zeros((), dtype),
-                                 cursor=jnp.zeros((phases,), jnp.int32), phase=jnp.int32(-1))
+                                 cursor=jnp.zeros((phases,), jnp.int32), phase=jnp.int32(-1),
+                                 previous=zeros)
 
 
 def block_rows(cfg) -> int:

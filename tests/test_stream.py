@@ -71,7 +71,8 @@ def _gd_stream_run(problem, lr, steps, k, block_size, refresh):
     return thetas, rows, vectors, params, plain_params
 
 
-def test_stream_follows_dense_eigenvalues_along_gd():
+@pytest.mark.parametrize("k,block_size", [(2, 4), (1, 1)])   # (1, 1): the momentum step
+def test_stream_follows_dense_eigenvalues_along_gd(k, block_size):
     """Every image from step t (m = b): residuals exact, values within one step's drift.
 
     The block at step t has had one subspace-iteration step on H_t after
@@ -83,7 +84,7 @@ def test_stream_follows_dense_eigenvalues_along_gd():
     """
     with jax.enable_x64(True):
         problem = get_problem("mlp", "tanh", "mse", "float64")
-        k, block_size, steps, burn_in = 2, 4, 40, 10
+        steps, burn_in = 40, 10
         thetas, rows, vectors, params, plain_params = _gd_stream_run(
             problem, lr=0.05, steps=steps, k=k, block_size=block_size, refresh=block_size)
         # The fused step's update is the plain step's: the same gradient, to rounding.
