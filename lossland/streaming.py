@@ -36,7 +36,7 @@ PHASES = 2         # blocks of the stream, one per step parity (curvature/stream
 def default_refresh(k: int, block_size: int) -> int:
     """Rows imaged per step when --stream_refresh is 0: all of a block of ≤ 2, else about b/3.
 
-    k = 1 with b = 1 is shifted power iteration with an exact Rayleigh quotient
+    k = 1 with b = 1 is shifted momentum power iteration with an exact Rayleigh quotient
     and residual (one tangent a step); k = 10 with b = 12 images 4 rows a step.
     """
     return block_size if block_size <= 2 else -(-block_size // 3)
