@@ -26,9 +26,9 @@ the m = `refresh` pending rows get fresh images H_t v, then
 Exactness. When m = b every image is from step t, so G = H_t U exactly and the
 residuals are the true ‖H_t u_i − θ_i u_i‖ (this is one step of subspace
 iteration with Rayleigh–Ritz per training step). When m < b the images are
-up to ⌈(b−1)/(m−1)⌉ − 1 steps old: the values and residuals are those of the matrix
-the stale images define, and their error is measured by the accuracy audit
-(`--stream_check_every`), not claimed exact.
+up to ⌈(b−1)/(m−1)⌉ − 1 updates of their block old (q times as many steps): the
+values and residuals are those of the matrix the stale images define, and their
+error is measured by the accuracy audit (`--stream_check_every`), not claimed exact.
 
 Phases (period 2 at the edge of stability). The state holds q blocks, one per
 phase of the step count: step t images and updates block t mod q only, so each
