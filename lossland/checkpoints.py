@@ -27,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.flatten_util import ravel_pytree
 
-from lossland import curvature, records
+from lossland import records
 
 
 @flax.struct.dataclass
@@ -46,15 +46,14 @@ class TrainState:
     cum_delta_top: Any   # float scalar: Σ ΔL_top over the tracked steps so far
     cum_delta_bulk: Any  # float scalar: Σ ΔL_bulk over the tracked steps so far
     stream: Any          # curvature.StreamState of --tracker=stream, pending for `step`
-                         # (cursor −1 until started; a (1, P) placeholder for other trackers)
+                         # (phase −1 until started; a (q, 1, P) placeholder for other trackers)
 
 
 def initial_state(params, opt_state, track_k: int, stream_block: int = 1) -> TrainState:
     """The state at step 0; `stream_block` rows for the stream tracker's block."""
     flat = ravel_pytree(params)[0]
-    zeros = jnp.zeros((stream_block, flat.shape[0]), flat.dtype)
-    stream = curvature.StreamState(basis=zeros, images=zeros, shift=jnp.zeros((), flat.dtype),
-                                   cursor=jnp.int32(-1))
+    from lossland import streaming
+    stream = streaming.placeholder_state(stream_block, flat.shape[0], flat.dtype)
     return TrainState(step=0, params=params, opt_state=opt_state,
                       eigvecs=jnp.zeros((track_k, flat.shape[0]), flat.dtype),
                       has_eigvecs=False, last_lambda1=0.0, wall_time=0.0,

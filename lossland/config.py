@@ -291,7 +291,7 @@ def block_size(cfg: RunConfig) -> int:
     """The block or stream tracker's b: --track_block_size, or its default when 0.
 
     The default is track_k + 2, except for the stream tracker at k = 1, whose
-    default block is the one vector (shifted power iteration; BUILD_NOTES.md).
+    default block is the one vector (shifted momentum power iteration; BUILD_NOTES.md).
     """
     if cfg.track_block_size:
         return cfg.track_block_size

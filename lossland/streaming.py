@@ -30,12 +30,13 @@ from lossland import train as train_lib
 from lossland.objective import Objective, flat_matvec
 
 SHIFT_ITERS = 20   # Lanczos steps of the cold start's lower spectral bound
+PHASES = 2         # blocks of the stream, one per step parity (curvature/stream.py, "Phases")
 
 
 def default_refresh(k: int, block_size: int) -> int:
     """Rows imaged per step when --stream_refresh is 0: all of a block of ≤ 2, else about b/3.
 
-    k = 1 with b = 1 is shifted power iteration with an exact Rayleigh quotient
+    k = 1 with b = 1 is shifted momentum power iteration with an exact Rayleigh quotient
     and residual (one tangent a step); k = 10 with b = 12 images 4 rows a step.
     """
     return block_size if block_size <= 2 else -(-block_size // 3)
@@ -76,7 +77,8 @@ def make_fused_step(objective: Objective, optimizer: optax.GradientTransformatio
     return jax.jit(step)
 
 
-def make_stream_start(objective: Objective, *, block_size: int, num_iters: int, tol):
+def make_stream_start(objective: Objective, *, block_size: int, num_iters: int, tol,
+                      phases: int = PHASES):
     """Jitted `start(params, data, key) -> StreamState`: the cold start at the first step.
 
     The block is Lanczos's top-b Ritz pairs (tol as the Lanczos tracker's); σ
@@ -94,16 +96,18 @@ def make_stream_start(objective: Objective, *, block_size: int, num_iters: int, 
                                          min(SHIFT_ITERS, theta.shape[0]))
         # −λ_min ≤ θ + ‖r‖ for the lowest pair: the residual is the margin.
         return curvature.stream_start(top.eigenvectors, top.eigenvalues,
-                                      lowest.eigenvalues[0] + lowest.residuals[0])
+                                      lowest.eigenvalues[0] + lowest.residuals[0], phases)
 
     return jax.jit(start)
 
 
-def placeholder_state(block_size: int, num_params: int, dtype) -> curvature.StreamState:
-    """A not-yet-started stream (cursor −1) of the right shapes: the checkpoint template."""
-    zeros = jnp.zeros((block_size, num_params), dtype)
+def placeholder_state(block_size: int, num_params: int, dtype,
+                      phases: int = PHASES) -> curvature.StreamState:
+    """A not-yet-started stream (phase −1) of the right shapes: the checkpoint template."""
+    zeros = jnp.zeros((phases, block_size, num_params), dtype)
     return curvature.StreamState(basis=zeros, images=zeros, shift=jnp.zeros((), dtype),
-                                 cursor=jnp.int32(-1))
+                                 cursor=jnp.zeros((phases,), jnp.int32), phase=jnp.int32(-1),
+                                 previous=zeros)
 
 
 def block_rows(cfg) -> int:
@@ -129,7 +133,7 @@ class StreamDriver:
 
     def step(self, step: int, params, opt_state, data, stream, key):
         """The fused step at θ_step: (params', opt_state', metrics, stream')."""
-        if int(stream.cursor) < 0:      # a fresh run; a resumed one restores its block
+        if int(stream.phase) < 0:      # a fresh run; a resumed one restores its block
             stream = self.start(params, data, key)
         start = time.perf_counter()
         params, opt_state, metrics, row, vectors, stream = self.fused(params, opt_state, data,

@@ -71,7 +71,8 @@ def _gd_stream_run(problem, lr, steps, k, block_size, refresh):
     return thetas, rows, vectors, params, plain_params
 
 
-def test_stream_follows_dense_eigenvalues_along_gd():
+@pytest.mark.parametrize("k,block_size", [(2, 4), (1, 1)])   # (1, 1): the momentum step
+def test_stream_follows_dense_eigenvalues_along_gd(k, block_size):
     """Every image from step t (m = b): residuals exact, values within one step's drift.
 
     The block at step t has had one subspace-iteration step on H_t after
@@ -83,7 +84,7 @@ def test_stream_follows_dense_eigenvalues_along_gd():
     """
     with jax.enable_x64(True):
         problem = get_problem("mlp", "tanh", "mse", "float64")
-        k, block_size, steps, burn_in = 2, 4, 40, 10
+        steps, burn_in = 40, 10
         thetas, rows, vectors, params, plain_params = _gd_stream_run(
             problem, lr=0.05, steps=steps, k=k, block_size=block_size, refresh=block_size)
         # The fused step's update is the plain step's: the same gradient, to rounding.
@@ -122,7 +123,8 @@ def test_stream_converges_to_dense_eigenpairs_at_a_fixed_point(refresh):
         assert np.max(explicit) <= 1e-6 * want[0]
 
 
-def test_stream_picks_the_algebraically_largest_of_an_indefinite_quadratic():
+@pytest.mark.parametrize("phases", [1, 2])
+def test_stream_picks_the_algebraically_largest_of_an_indefinite_quadratic(phases):
     with jax.enable_x64(True):
         rng = np.random.default_rng(0)
         P = 30
@@ -133,14 +135,47 @@ def test_stream_picks_the_algebraically_largest_of_an_indefinite_quadratic():
         # A cold block with a large share of the negative eigenvector and no shift:
         # unshifted subspace iteration would keep −50 (the largest |λ|) in the block.
         start = jnp.asarray(rng.normal(size=(b, P))) + 3.0 * jnp.asarray(Q[:, 0])
-        state = curvature.stream_start(start, jnp.zeros(b), 0.0)
+        state = curvature.stream_start(start, jnp.zeros(b), 0.0, phases)
         update = jax.jit(curvature.stream_update)
-        for _ in range(400):
+        for _ in range(400 * phases):     # each phase's block is updated every phases-th step
             pending = curvature.stream_pending(state, 1)
             state, ritz = update(state, pending @ A)
         np.testing.assert_allclose(np.asarray(ritz.eigenvalues[:k]), [10.0, 5.0], rtol=1e-6)
         # The shift rose past −(λ_min + λ_k)/2 = 22.5, where |λ_min + σ| < λ_k + σ.
         assert float(state.shift) > 22.5
+
+
+def test_two_phases_follow_a_period_two_spectrum_that_one_block_cannot():
+    """H_t alternates between A and B, whose top eigenvectors are orthogonal (at the edge
+    of stability λ1's direction alternates so; BUILD_NOTES.md). With two phases each
+    block sees one fixed matrix and converges to its top pairs; a single block, turned
+    by a large angle every step, does not."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(1)
+        P, k, b = 40, 1, 1                           # the default at k = 1: one vector
+        Q = np.linalg.qr(rng.normal(size=(P, P)))[0]
+        spectrum = np.linspace(-1.0, 6.0, P)[::-1].copy()
+        spectrum[:2] = [16.0, 12.0]
+        swapped = spectrum.copy()
+        swapped[:2] = [12.0, 16.0]                   # B's top vector is A's second
+        A = Q @ np.diag(spectrum) @ Q.T
+        B = Q @ np.diag(swapped) @ Q.T
+        want = [16.0]
+        update = jax.jit(curvature.stream_update)
+        errors = {}
+        for phases in (1, 2):
+            state = curvature.stream_start(jnp.asarray(rng.normal(size=(b, P))), jnp.zeros(b),
+                                           1.0, phases)
+            worst = 0.0
+            for t in range(400):
+                H = jnp.asarray(A if t % 2 == 0 else B)
+                state, ritz = update(state, curvature.stream_pending(state, b) @ H)
+                if t >= 300:
+                    got = np.asarray(ritz.eigenvalues[:k])
+                    worst = max(worst, float(np.max(np.abs(got - want) / want)))
+            errors[phases] = worst
+        assert errors[2] <= 1e-8, errors
+        assert errors[1] >= 1e-2, errors
 
 
 @pytest.mark.slow   # three driver runs: about 1 min on an idle 2-core CPU, 4 min loaded

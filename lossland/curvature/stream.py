@@ -26,9 +26,29 @@ the m = `refresh` pending rows get fresh images H_t v, then
 Exactness. When m = b every image is from step t, so G = H_t U exactly and the
 residuals are the true ‖H_t u_i − θ_i u_i‖ (this is one step of subspace
 iteration with Rayleigh–Ritz per training step). When m < b the images are
-up to ⌈(b−1)/(m−1)⌉ − 1 steps old: the values and residuals are those of the matrix
-the stale images define, and their error is measured by the accuracy audit
-(`--stream_check_every`), not claimed exact.
+up to ⌈(b−1)/(m−1)⌉ − 1 updates of their block old (q times as many steps): the
+values and residuals are those of the matrix the stale images define, and their
+error is measured by the accuracy audit (`--stream_check_every`), not claimed exact.
+
+Phases (period 2 at the edge of stability). The state holds q blocks, one per
+phase of the step count: step t images and updates block t mod q only, so each
+block follows the subsequence H_p, H_{p+q}, H_{p+2q}, … At the edge of
+stability GD oscillates with period 2 and H_t with it: on the CE benchmark
+trajectory the top eigenvectors of H_t and H_{t+1} overlap by 0.004–0.3 (λ1
+alternates between two directions) while those of H_t and H_{t+2} overlap by
+0.97–1.0 (BUILD_NOTES.md). A single block is turned by a large angle every
+step and one product cannot bring it back; with q = 2 each block sees a nearly
+fixed matrix. Same products per step, q times the memory; the Ritz pairs of a
+step are those of its phase's block, at H_t. q = 1 is the plain algorithm.
+
+Momentum (b = 1). A single vector (the k = 1 default) takes a step of the
+momentum power method instead (Xu et al. 2018, "Accelerated stochastic power
+iteration"): x' ∝ (H_t + σI) x − β x_prev, with x_prev the previous vector
+scaled by the same normalization and β = (c (θ + σ))² / 4, c = MOMENTUM. While
+(λ2 + σ) ≤ c (λ1 + σ) it contracts the other components by c / (1 + √(1 − c²))
+a step (0.56 at c = 0.85) instead of (λ2 + σ)/(λ1 + σ) (0.8–0.9 at the edge of
+stability); for c < 1 it cannot diverge. No extra product; one more vector per
+phase (`previous`, zeros for b > 1, where the plain step is taken).
 
 Largest algebraic. Subspace iteration amplifies the largest |λ + σ|. With
 σ ≥ −λ_min every λ + σ ≥ 0 and the order is the algebraic one, so a large
@@ -49,12 +69,16 @@ import jax.numpy as jnp
 from lossland.curvature.basis import dot
 from lossland.curvature.block import orthonormalize_block
 
+MOMENTUM = 0.85   # c: the assumed bound of (λ2 + σ)/(λ1 + σ) for b = 1 (module docstring)
+
 
 class StreamState(NamedTuple):
-    basis: jax.Array    # (b, P) V, orthonormal rows
-    images: jax.Array   # (b, P) W, row i the latest image H_{t_i} v_i
-    shift: jax.Array    # scalar σ ≥ 0: the iteration runs on H + σI
-    cursor: jax.Array   # int32: the first of the rows imaged at the next step
+    basis: jax.Array    # (q, b, P) V per phase, orthonormal rows
+    images: jax.Array   # (q, b, P) W per phase, row i the latest image H_{t_i} v_i
+    shift: jax.Array    # scalar σ ≥ 0, shared by the phases: the iteration runs on H + σI
+    cursor: jax.Array   # (q,) int32: per phase, the first of the rows imaged at its next step
+    phase: jax.Array    # int32: the phase (block) imaged at the next step; −1 = not started
+    previous: jax.Array  # (q, b, P) b = 1: the previous vector, scaled as the current (momentum)
 
 
 class StreamRitz(NamedTuple):
@@ -63,16 +87,19 @@ class StreamRitz(NamedTuple):
     residuals: jax.Array     # (b,) ‖G_i − θ_i u_i‖ from the latest images (exact when m = b)
 
 
-def stream_start(vectors: jax.Array, values: jax.Array, shift) -> StreamState:
+def stream_start(vectors: jax.Array, values: jax.Array, shift, phases: int = 2) -> StreamState:
     """A state from b approximate eigenpairs, e.g. a short Lanczos's top-b Ritz pairs.
 
-    The images start as θ_i v_i: wrong by the Ritz residuals until each row's
-    first fresh image replaces them. `shift` is σ (see the module docstring).
+    Every phase's block starts from the same pairs. The images start as θ_i v_i:
+    wrong by the Ritz residuals until each row's first fresh image replaces
+    them. `shift` is σ, `phases` is q (see the module docstring).
     """
     basis = orthonormalize_block(vectors, jnp.zeros_like(vectors), 0)
-    return StreamState(basis=basis, images=values[:, None] * basis,
+    tile = lambda x: jnp.broadcast_to(x, (phases,) + x.shape)
+    return StreamState(basis=tile(basis), images=tile(values[:, None] * basis),
                        shift=jnp.maximum(jnp.asarray(shift, vectors.dtype), 0.0),
-                       cursor=jnp.int32(0))
+                       cursor=jnp.zeros((phases,), jnp.int32), phase=jnp.int32(0),
+                       previous=jnp.zeros((phases,) + vectors.shape, vectors.dtype))
 
 
 def _slots(cursor, refresh: int, b: int):
@@ -97,7 +124,8 @@ def _advance(cursor, refresh: int, b: int):
 
 def stream_pending(state: StreamState, refresh: int) -> jax.Array:
     """(refresh, P): the rows whose images H_t V the caller computes at this step."""
-    return state.basis[_slots(state.cursor, refresh, state.basis.shape[0])]
+    cursor = state.cursor[state.phase]
+    return state.basis[state.phase][_slots(cursor, refresh, state.basis.shape[1])]
 
 
 def stream_update(state: StreamState, fresh_images: jax.Array) -> tuple[StreamState, StreamRitz]:
@@ -107,23 +135,35 @@ def stream_update(state: StreamState, fresh_images: jax.Array) -> tuple[StreamSt
       state: the block whose `stream_pending` rows were multiplied by H_t.
       fresh_images: (m, P) H_t times those rows; m (static) is the refresh count.
     Returns:
-      (the state for step t + 1, the Ritz pairs of H_t on span V at step t).
+      (the state for step t + 1, the Ritz pairs of H_t on span V at step t, from
+      this step's phase's block; the other phases' blocks are untouched).
     """
-    V = state.basis
+    phase, q = state.phase, state.basis.shape[0]
+    V, cursor = state.basis[phase], state.cursor[phase]
     b, m = V.shape[0], fresh_images.shape[0]
-    W = state.images.at[_slots(state.cursor, m, b)].set(fresh_images)
+    W = state.images[phase].at[_slots(cursor, m, b)].set(fresh_images)
     T = dot(V, W.T)
     theta, Y = jnp.linalg.eigh(0.5 * (T + T.T))
     theta, Y = theta[::-1], Y[:, ::-1]
     U, G = dot(Y.T, V), dot(Y.T, W)
     residuals = jnp.linalg.norm(G - theta[:, None] * U, axis=1)
     shift = jnp.maximum(state.shift, -theta[-1])
-    cursor = _advance(state.cursor, m, b)
+    cursor = _advance(cursor, m, b)
     due = _slots(cursor, m, b)
     is_due = jnp.zeros((b,), bool).at[due].set(True)
     # One step of subspace iteration on H + σI for the due rows, kept orthogonal to
     # the others (whose vectors and images stay as they are).
     X = G[due] + shift * U[due]
-    X = orthonormalize_block(X, jnp.where(is_due[:, None], 0.0, U), cursor)
-    new_state = StreamState(basis=U.at[due].set(X), images=G, shift=shift, cursor=cursor)
+    previous = state.previous[phase]
+    if b == 1:      # the momentum power method (module docstring); U is ±V here
+        X = X - (MOMENTUM * (theta[0] + shift)) ** 2 / 4 * (U[0] @ V[0]) * previous
+        norm = jnp.linalg.norm(X)
+        X, previous = X / norm, U / norm
+    else:
+        X = orthonormalize_block(X, jnp.where(is_due[:, None], 0.0, U), cursor)
+    new_state = StreamState(basis=state.basis.at[phase].set(U.at[due].set(X)),
+                            images=state.images.at[phase].set(G), shift=shift,
+                            cursor=state.cursor.at[phase].set(cursor),
+                            phase=(phase + 1) % q,
+                            previous=state.previous.at[phase].set(previous))
     return new_state, StreamRitz(eigenvalues=theta, eigenvectors=U, residuals=residuals)
