@@ -34,6 +34,14 @@ if (_OWN_TEMP and os.environ.get("LOSSLAND_TEST_COMPILE_CACHE", "1") != "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"   # cache the small ones too
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
+# XLA's backend optimizations take most of a small program's compile time, and the
+# tests run small programs once: without them the suite compiles about twice as fast.
+# Both sides of every comparison compile alike; set LOSSLAND_TEST_XLA_OPT=1 to keep them.
+if os.environ.get("LOSSLAND_TEST_XLA_OPT", "0") != "1" and \
+        "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_backend_optimization_level=0").strip()
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

@@ -103,6 +103,10 @@ BAD_FLAGS = [
 ]
 
 
+# These two start a fresh interpreter per case (about 3 s of CPU each): `make test-slow`
+# runs them. tests/test_bad_input.py refuses the same kinds of input through its fork
+# server in `make test`, and checks more (no compilation, the folder unchanged).
+@pytest.mark.slow
 @pytest.mark.parametrize("flag,name", BAD_FLAGS)
 def test_bad_flag_fails_before_writing(tmp_path, flag, name):
     workdir = tmp_path / "run"
@@ -112,6 +116,7 @@ def test_bad_flag_fails_before_writing(tmp_path, flag, name):
     assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_impossible_sizes_and_missing_data_fail_before_writing(tmp_path):
     workdir = tmp_path / "run"
     for args, expected in ((["--dataset=fashion_mnist", "--n_train=70000"], "60000"),
