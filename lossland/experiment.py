@@ -80,13 +80,21 @@ def validate_model_bounds(cfg: config_lib.RunConfig) -> data_lib.DatasetInfo:
     config_lib.validate_for_model(cfg, num_params)
     if has_state:
         check_whole_chunks(cfg)
-    if cfg.track_layers and not models.is_plugin(cfg.model):
-        # The layers, from shapes alone (jax.eval_shape compiles nothing). A plug-in's
-        # layers are checked on its built params, in runner.run.
-        config_lib.validate_layers(cfg, jax.eval_shape(lambda: models.build_model(
-            cfg.model, info.input_shape, info.num_classes, width=cfg.width, depth=cfg.depth,
-            activation=cfg.activation, key=jax.random.key(0)).params))
+    if cfg.track_layers:   # the layers, from shapes alone (traced, nothing compiled)
+        config_lib.validate_layers(cfg, abstract_params(cfg, info))
     return info
+
+
+def abstract_params(cfg: config_lib.RunConfig, info: data_lib.DatasetInfo):
+    """The model's params as shapes (jax.ShapeDtypeStruct leaves), a plug-in's included."""
+    if models.is_plugin(cfg.model):
+        from lossland.models import plugin
+        return plugin.abstract_params(cfg.model, cfg.model_kwargs, info.input_shape,
+                                      info.num_classes)
+    return jax.eval_shape(lambda: models.build_model(
+        cfg.model, info.input_shape, info.num_classes, width=cfg.width, depth=cfg.depth,
+        activation=cfg.activation, key=jax.random.key(0), norm=cfg.norm,
+        patch_size=cfg.patch_size).params)
 
 
 def check_whole_chunks(cfg: config_lib.RunConfig) -> None:

@@ -68,8 +68,8 @@ requires_fashion_mnist = pytest.mark.skipif(
 # --no-loadscope-reorder`: a module (or a test class) is one unit of work, handed out in
 # collection order to whichever worker is free. Longest first keeps one worker from
 # being left with a long file at the end while the other idles.
-LONGEST_FIRST = ("test_sharding.py", "test_bad_input.py", "test_driver.py", "test_faults.py",
-                 "test_projections.py")
+LONGEST_FIRST = ("test_sharding.py", "test_faults.py", "test_reproduce.py", "test_bad_input.py",
+                 "test_driver.py", "test_sweep_n.py", "test_projections.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -317,6 +317,10 @@ CASES = [
           expect=["""--model_kwargs='{"widht": 4}'""", "widht", "f(input_shape=..."]),
     train("model_kwargs-for-builtin", '--model_kwargs={{"width": 4}}',
           expect=["--model_kwargs=", "--model=mlp", "Drop --model_kwargs"]),
+    train("track_layers-no-layer-structure", "--model={d}/nets.py:one_layer", "--track_layers",
+          "--track_every=1", setup="plugins",
+          expect=["--track_layers=True", "--model=<root>/data/nets.py:one_layer",
+                  "top-level module"]),
     train("model-dropout-linen", "--model={d}/nets.py:dropout", setup="plugins",
           expect=["--model=<root>/data/nets.py:dropout", "random", "deterministic"]),
     train("model-dropout-nnx", "--model={d}/nets.py:nnx_dropout", setup="plugins",
@@ -486,6 +490,9 @@ class Normalized(nn.Module):
 
 def tiny(input_shape, num_classes):
     return Dense(num_classes)
+
+def one_layer(input_shape, num_classes):   # params {kernel, bias}: no top-level modules
+    return nn.Dense(num_classes)
 
 def batchnorm(input_shape, num_classes):
     return Normalized(num_classes)

@@ -156,6 +156,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
         _strip_timing(records.read_metrics(split))
 
 
+@pytest.mark.slow   # test_bad_input's resume-*-changed cases refuse the same in make test
 def test_resume_with_changed_flags_is_refused(tmp_path):
     workdir = tmp_path / "run"
     assert run_module("experiments.train", *FAST, "--steps=2",

@@ -37,6 +37,7 @@ def _cfg(workdir, **changes):
     return config_lib.RunConfig(**{**settings, **changes})
 
 
+@pytest.mark.slow   # a real compile (no cache) and two more runs: about 25 s (issue 22)
 def test_kill_during_compilation_then_same_command_finishes(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert run_module("experiments.train", *FAST, "--steps=12",

@@ -255,12 +255,12 @@ def kernel_runs(tmp_path_factory):
     4 and 3, in that dtype; each dtype's process runs once per module."""
     results = {}
 
-    def run(dtype: str) -> dict:
-        if dtype not in results:
+    def run(dtype: str, meshes: str = "4,3") -> dict:
+        if (dtype, meshes) not in results:
             tmp = tmp_path_factory.mktemp(f"sharding_{dtype}")
-            _finish(_spawn(tmp / "local.npz", 4, "4,3", dtype))
-            results[dtype] = dict(np.load(tmp / "local.npz"))
-        return results[dtype]
+            _finish(_spawn(tmp / "local.npz", 4, meshes, dtype))
+            results[dtype, meshes] = dict(np.load(tmp / "local.npz"))
+        return results[dtype, meshes]
     return run
 
 
@@ -278,35 +278,48 @@ def multiprocess_kernel_runs(tmp_path_factory):
 
 
 class TestShardedKernels:
-    """One process with 4 devices (kernel_runs); 2 processes × 2 devices (slow).
+    """float64 kernels in one process with 4 devices (kernel_runs).
 
-    `make test` checks every kernel in float64, against one device at 1e-10: the strict
-    check. The same kernels in float32 (at 1e-5) compile everything again, and run in
-    `make test-slow` (issue 22).
+    `make test` checks every kernel in float64 on a mesh of 3 devices (uneven, padded),
+    against one device at 1e-10: the strict check. The mesh of 4 and the same kernels in
+    float32 (at 1e-5) compile everything again, and run in `make test-slow` (issue 22).
     """
 
-    @pytest.mark.parametrize("dtype", ["float64",
-                                       pytest.param("float32", marks=pytest.mark.slow)])
-    @pytest.mark.parametrize("num_devices", [4, 3])
-    def test_sharded_kernels_equal_one_device(self, kernel_runs, num_devices, dtype):
-        results = kernel_runs(dtype)
-        assert int(results["num_devices"]) == 4
-        assert _compare(results, results, f"d{num_devices}") == []
-        names = {name.split("/")[2] for name in results if name.count("/") == 2}
-        expected = {"loss", "accuracy", "grad", "hvp", "gnvp", "loss_two_step", "gd_params",
-                    "gd_metrics", "adam_params", "adam_metrics", "subset_hvp", "subset_gnvp",
-                    "empirical_fisher_vp", "hessian_trace"}
-        assert expected <= names, expected - names
-        assert "lanczos_eigenvalues" in names, (
-            "lossland.tracking (the Lanczos tracker) did not import")
-        assert {"stream_params", "stream_eigenvalues"} <= names
+    @pytest.mark.parametrize("num_devices", [3, pytest.param(4, marks=pytest.mark.slow)])
+    def test_sharded_kernels_equal_one_device(self, kernel_runs, num_devices):
+        # The layout under test and one device's results come from one process.
+        results = kernel_runs("float64", str(num_devices))
+        _check_kernels(results, num_devices)
 
-    @pytest.mark.slow   # two more JAX processes compiling every kernel (issue 22)
+
+@pytest.mark.slow   # its own unit of work under xdist, beside the float64 class
+class TestShardedKernelsFloat32:
+    """The same kernels in float32, at 1e-5 (one process, meshes of 4 and 3), and on 2
+    processes × 2 devices (two more JAX processes)."""
+
+    @pytest.mark.parametrize("num_devices", [4, 3])
+    def test_sharded_kernels_equal_one_device(self, kernel_runs, num_devices):
+        _check_kernels(kernel_runs("float32", "4,3"), num_devices)
+
     def test_two_processes_equal_one_device(self, kernel_runs, multiprocess_kernel_runs):
         """jax.distributed with 2 processes × 2 CPU devices: the multi-host code path."""
         results = multiprocess_kernel_runs
         assert int(results["num_processes"]) == 2 and int(results["num_devices"]) == 4
-        assert _compare(results, kernel_runs("float32"), "d0") == []
+        assert _compare(results, kernel_runs("float32", "4,3"), "d0") == []
+
+
+def _check_kernels(results: dict, num_devices: int) -> None:
+    """Every kernel on `num_devices` devices equals one device's, and none is missing."""
+    assert int(results["num_devices"]) == 4
+    assert _compare(results, results, f"d{num_devices}") == []
+    names = {name.split("/")[2] for name in results if name.count("/") == 2}
+    expected = {"loss", "accuracy", "grad", "hvp", "gnvp", "loss_two_step", "gd_params",
+                "gd_metrics", "adam_params", "adam_metrics", "subset_hvp", "subset_gnvp",
+                "empirical_fisher_vp", "hessian_trace"}
+    assert expected <= names, expected - names
+    assert "lanczos_eigenvalues" in names, (
+        "lossland.tracking (the Lanczos tracker) did not import")
+    assert {"stream_params", "stream_eigenvalues"} <= names
 
 
 def _records(workdir: Path) -> list[dict]:

@@ -260,18 +260,8 @@ def check(spec: str, kwargs_text: str, input_shape: Sequence[int], num_classes: 
     not a Module, --model_kwargs that are not JSON or name no argument, outputs
     whose shape is not (batch, num_classes), randomness in training mode.
     """
-    key = jax.eval_shape(lambda: jax.random.key(0))   # abstract: creating a key compiles
-
-    def construct():
-        return _construct(spec, kwargs_text, input_shape, num_classes, None)[0]
-
-    module = nnx.eval_shape(construct) if _factory_wants_rngs(spec) else construct()
-    if isinstance(module, nnx.Module) and _has_nnx_randomness(module):
-        raise ModelError(_randomness_message(spec))
-    wrapped = _wrap(module)
+    wrapped, params, state = _abstract_model(spec, kwargs_text, input_shape, num_classes)
     dummy = jax.ShapeDtypeStruct((2, *input_shape), jnp.float32)
-    params, state = (wrapped.init(key, dummy) if isinstance(wrapped, _Nnx)   # already abstract
-                     else jax.eval_shape(wrapped.init, key, dummy))
     try:
         out, _ = jax.eval_shape(wrapped.train_call, params, state, dummy)
         eval_out = jax.eval_shape(wrapped.eval_call, params, state, dummy)
@@ -288,6 +278,29 @@ def check(spec: str, kwargs_text: str, input_shape: Sequence[int], num_classes: 
                              f"a batch of 2; expected (2, {num_classes}), one output per class "
                              f"of the dataset ({num_classes} classes).")
     return _count(params), bool(jax.tree_util.tree_leaves(state))
+
+
+def abstract_params(spec: str, kwargs_text: str, input_shape: Sequence[int],
+                    num_classes: int):
+    """A plug-in's params as shapes (jax.ShapeDtypeStruct leaves): traced, never compiled."""
+    return _abstract_model(spec, kwargs_text, input_shape, num_classes)[1]
+
+
+def _abstract_model(spec: str, kwargs_text: str, input_shape: Sequence[int], num_classes: int):
+    """(wrapped module, params, state) of a plug-in, the arrays as shapes only."""
+    key = jax.eval_shape(lambda: jax.random.key(0))   # abstract: creating a key compiles
+
+    def construct():
+        return _construct(spec, kwargs_text, input_shape, num_classes, None)[0]
+
+    module = nnx.eval_shape(construct) if _factory_wants_rngs(spec) else construct()
+    if isinstance(module, nnx.Module) and _has_nnx_randomness(module):
+        raise ModelError(_randomness_message(spec))
+    wrapped = _wrap(module)
+    dummy = jax.ShapeDtypeStruct((2, *input_shape), jnp.float32)
+    params, state = (wrapped.init(key, dummy) if isinstance(wrapped, _Nnx)   # already abstract
+                     else jax.eval_shape(wrapped.init, key, dummy))
+    return wrapped, params, state
 
 
 def _factory_wants_rngs(spec: str) -> bool:
