@@ -199,13 +199,16 @@ def grid(settings: dict) -> list[GridPoint]:
                             for n in arm["n_values"]})
             for loss, activation, n, seed in itertools.product(
                     arm["losses"], arm["activations"], sizes, settings["seeds"]):
-                points.append(GridPoint(dataset, loss, activation, n, seed, model=arm["model"]))
+                name = scaling.arm_name(arm)
+                points.append(GridPoint(dataset, loss, activation, n, seed, model=arm["model"],
+                                        arm="" if name == arm["model"] else name))
     return points
 
 
 def run_config(point: GridPoint, settings: dict, workdir: Path) -> config_lib.RunConfig:
     """The RunConfig of one grid point: its dataset's arm of the settings, validated."""
-    settings = scaling.arm_settings({**SWEEP_DEFAULTS, **settings}, point.dataset, point.model)
+    settings = scaling.arm_settings({**SWEEP_DEFAULTS, **settings}, point.dataset,
+                                    point.arm_name)
     cfg = config_lib.RunConfig(
         dataset=point.dataset, data_dir=settings["data_dir"], n_train=point.n, model=point.model,
         width=settings["width"], depth=settings["depth"], activation=point.activation,

@@ -139,7 +139,13 @@ def define_run_flags(**default_overrides) -> None:
     flags.DEFINE_integer("probe_every", d.probe_every, "Line probes (v1, gradient, last step, "
                          "random) every this many steps and at the end (0 = off); a multiple of "
                          "--track_every.", lower_bound=0)
-    flags.DEFINE_float("probe_s_max", d.probe_s_max, "Probe the line θ + s·u for |s| ≤ this.")
+    flags.DEFINE_float("probe_s_max", d.probe_s_max, "Probe the line θ + s·u for |s| ≤ this "
+                       "(unless --probe_s_max_steps or --probe_s_max_theta is set).")
+    flags.DEFINE_float("probe_s_max_steps", d.probe_s_max_steps, "Tie the probe half-range to "
+                       "the iterate: at least this many GD step lengths η‖∇L(θ)‖ (0 = off). "
+                       "With --probe_s_max_theta the larger of the two.")
+    flags.DEFINE_float("probe_s_max_theta", d.probe_s_max_theta, "Tie the probe half-range to "
+                       "the iterate: at least this fraction of ‖θ‖ (0 = off).")
     flags.DEFINE_integer("probe_points", d.probe_points, "Grid points per probe line.",
                          lower_bound=5)
     flags.DEFINE_integer("num_random_directions", d.num_random_directions, "Random unit "

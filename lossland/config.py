@@ -9,6 +9,7 @@ before any compute and before anything is written.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 from lossland import data as data_lib
@@ -87,6 +88,9 @@ class RunConfig:
     # singularity probes (claims C1, C2)
     probe_every: int = 0         # 0 = off; a multiple of track_every
     probe_s_max: float = 0.05
+    # Half-range tied to the iterate: max(steps·η‖∇L‖, theta·‖θ‖); 0 and 0 = probe_s_max.
+    probe_s_max_steps: float = 0.0
+    probe_s_max_theta: float = 0.0
     probe_points: int = 41
     num_random_directions: int = 2
     # subspace-projected training (claim C4)
@@ -188,6 +192,10 @@ def validate(cfg: RunConfig) -> None:
                  cfg.probe_every, f"probes use the tracked top eigenvector, so --probe_every must "
                  f"be a multiple of --track_every={cfg.track_every} (> 0)")
     _require(cfg.probe_s_max > 0, "probe_s_max", cfg.probe_s_max, "must be > 0")
+    for name in ("probe_s_max_steps", "probe_s_max_theta"):
+        value = getattr(cfg, name)
+        _require(math.isfinite(value) and value >= 0, name, value, "must be >= 0 (0 = off; "
+                 "both 0 = the fixed --probe_s_max)")
     _require(cfg.probe_points >= 5, "probe_points", cfg.probe_points, "must be >= 5")
     _require(cfg.num_random_directions >= 0, "num_random_directions", cfg.num_random_directions,
              "must be >= 0")

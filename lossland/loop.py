@@ -349,6 +349,8 @@ def _rows_before(workdir: Path, step: int) -> list[dict]:
 def _make_prober(objective, cfg):
     from lossland import probes  # imported only when probing is on
     return probes.make_prober(objective, s_max=cfg.probe_s_max, num_points=cfg.probe_points,
+                              lr=cfg.lr, s_max_steps=cfg.probe_s_max_steps,
+                              s_max_theta=cfg.probe_s_max_theta,
                               num_random_directions=cfg.num_random_directions)
 
 

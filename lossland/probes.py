@@ -294,14 +294,42 @@ def _default_batch_size(data) -> int:
     return max(1, 16384 // max(1, data.chunk_size))
 
 
+class ProbeScale(NamedTuple):
+    """The probed iterate's own length scales, and the half-range they give (scalars).
+
+    step_length: ℓ = η‖∇L(θ)‖, the length of the GD step from θ.
+    param_norm: ‖θ‖.
+    s_max: the half-range probed: max(steps·ℓ, theta_fraction·‖θ‖) when either is
+      set (`probe_half_range`), else the fixed s_max.
+    disp_v1_alignment: cos²(d, v1) of the last displacement d and v1 (0 when d = 0):
+      near 1 when the last step moved along v1, as in a period-2 oscillation.
+    """
+    step_length: jax.Array
+    param_norm: jax.Array
+    s_max: jax.Array
+    disp_v1_alignment: jax.Array
+
+
+def probe_half_range(fixed: float, *, lr: float, steps: float, theta_fraction: float,
+                     grad_norm, param_norm):
+    """The probe half-range tied to the run: max(steps·η‖∇L‖, theta_fraction·‖θ‖) in the
+    units of the iterate (GD step lengths, and ‖θ‖); `fixed` when both factors are 0."""
+    if not steps and not theta_fraction:
+        return jnp.asarray(fixed, jnp.result_type(grad_norm))
+    return jnp.maximum(steps * lr * grad_norm, theta_fraction * param_norm)
+
+
 def make_probe_grids(objective, *, s_max: float, num_points: int, num_random_directions: int,
-                     batch_size: Optional[int] = None):
+                     batch_size: Optional[int] = None, lr: float = 0.0,
+                     s_max_steps: float = 0.0, s_max_theta: float = 0.0):
     """Jitted `probe(params, data, v1_flat, displacement_flat, key, v1_init_flat) -> (grids,
-    floors)`.
+    floors, scale)`.
 
     grids: LineProbe of (D, S) arrays over the directions of `direction_names`;
-    floors: ValleyFloor of (D,) arrays. A zero displacement or v1_init gives a
-    zero direction (its entries are meaningless; `make_prober` drops them).
+    floors: ValleyFloor of (D,) arrays; scale: ProbeScale. A zero displacement or
+    v1_init gives a zero direction (its entries are meaningless; `make_prober`
+    drops them). The half-range is `s_max`, or tied to the iterate when
+    `s_max_steps` or `s_max_theta` is set (`probe_half_range`; `lr` is η).
     """
     names = direction_names(num_random_directions)
 
@@ -312,7 +340,12 @@ def make_probe_grids(objective, *, s_max: float, num_points: int, num_random_dir
         g = ravel_pytree(grad)[0]
         rand = jax.random.normal(key, (num_random_directions,) + theta.shape, theta.dtype)
         U = jnp.stack([_unit(d, theta) for d in [v1, g, displacement, v1_init, *rand]])
-        s_grid = jnp.linspace(-s_max, s_max, num_points, dtype=theta.dtype)
+        grad_norm, param_norm = jnp.linalg.norm(g), jnp.linalg.norm(theta)
+        half = probe_half_range(s_max, lr=lr, steps=s_max_steps, theta_fraction=s_max_theta,
+                                grad_norm=grad_norm, param_norm=param_norm)
+        scale = ProbeScale(lr * grad_norm, param_norm, half,
+                           jnp.dot(U[0], U[2], precision=HIGHEST) ** 2)
+        s_grid = jnp.linspace(-1.0, 1.0, num_points, dtype=theta.dtype) * half
         kernel = _objective_kernel(objective, unravel, data)
         d_idx, s_idx = jnp.divmod(jnp.arange(len(names) * num_points), num_points)
         point = lambda ij: _point(kernel, theta, U[ij[0]], s_grid[ij[1]])
@@ -322,7 +355,7 @@ def make_probe_grids(objective, *, s_max: float, num_points: int, num_random_dir
                           *(a.reshape(len(names), num_points) for a in out))
         floors = _valley_floors(flat_loss, theta, U, s_grid, grids.loss, grids.slope,
                                 _default_bisections(theta.dtype, num_points))
-        return grids, floors
+        return grids, floors, scale
 
     return jax.jit(probe)
 
@@ -358,7 +391,8 @@ def summarize_probe(name: str, grids: LineProbe, floor: ValleyFloor) -> dict:
 
 
 def make_prober(objective, *, s_max: float, num_points: int, num_random_directions: int,
-                batch_size: Optional[int] = None):
+                batch_size: Optional[int] = None, lr: float = 0.0, s_max_steps: float = 0.0,
+                s_max_theta: float = 0.0):
     """The runner's prober: `prober(params, data, v1_flat, displacement_flat, key,
     v1_init_flat=None) -> dict`.
 
@@ -369,22 +403,38 @@ def make_prober(objective, *, s_max: float, num_points: int, num_random_directio
     `num_points` points of [−s_max, s_max]. The dict holds plain floats/bools:
 
       valley_distance            |s*| along v1 (claim C2)
+      valley_distance_steps      |s*| in GD step lengths ℓ = η‖∇L(θ)‖ (None without η)
       valley_at_edge             s* along v1 hit ±s_max (the floor is farther)
-      probe_s_max                the probe half-range
+      probe_s_max                the probe half-range (fixed, or tied to the iterate)
+      probe_step_length          ℓ = η‖∇L(θ)‖ (None without η)
+      probe_param_norm           ‖θ‖
+      probe_s_max_steps          the half-range in step lengths, s_max / ℓ
+      probe_s_max_theta          the half-range as a fraction of ‖θ‖
+      disp_v1_alignment          cos²(last displacement, v1); None at step 0
       probe_<dir>_<quantity>     see `summarize_probe`, for dir in direction_names
+
+    With `s_max_steps` or `s_max_theta` set, the half-range is
+    max(s_max_steps·ℓ, s_max_theta·‖θ‖) at each probed iterate (`probe_half_range`).
     """
     names = direction_names(num_random_directions)
     probe = make_probe_grids(objective, s_max=s_max, num_points=num_points,
-                             num_random_directions=num_random_directions, batch_size=batch_size)
+                             num_random_directions=num_random_directions, batch_size=batch_size,
+                             lr=lr, s_max_steps=s_max_steps, s_max_theta=s_max_theta)
 
     def prober(params, data, v1_flat, displacement_flat, key, v1_init_flat=None) -> dict:
         if v1_init_flat is None:
             v1_init_flat = jnp.zeros_like(v1_flat)
-        grids, floors = jax.device_get(probe(params, data, v1_flat, displacement_flat, key,
-                                             v1_init_flat))
+        grids, floors, scale = jax.device_get(probe(params, data, v1_flat, displacement_flat,
+                                                    key, v1_init_flat))
         has = {"disp": float(jnp.linalg.norm(displacement_flat)) > 0,
                "v1init": float(jnp.linalg.norm(v1_init_flat)) > 0}
-        row = {"probe_s_max": float(s_max)}
+        ell, norm, half = (float(x) for x in (scale.step_length, scale.param_norm,
+                                                scale.s_max))
+        row = {"probe_s_max": half, "probe_param_norm": norm,
+               "probe_step_length": ell if lr > 0 else None,
+               "probe_s_max_steps": half / ell if lr > 0 and ell > 0 else None,
+               "probe_s_max_theta": half / norm if norm > 0 else None,
+               "disp_v1_alignment": float(scale.disp_v1_alignment) if has["disp"] else None}
         for index, name in enumerate(names):
             summary = summarize_probe(name, jax.tree_util.tree_map(lambda a: a[index], grids),
                                       jax.tree_util.tree_map(lambda a: a[index], floors))
@@ -392,6 +442,8 @@ def make_prober(objective, *, s_max: float, num_points: int, num_random_directio
                 summary = dict.fromkeys(summary)
             row.update(summary)
         row["valley_distance"] = abs(row["probe_v1_s_star"])
+        row["valley_distance_steps"] = (row["valley_distance"] / ell if lr > 0 and ell > 0
+                                        else None)
         row["valley_at_edge"] = row["probe_v1_at_edge"]
         return row
 

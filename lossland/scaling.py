@@ -52,41 +52,54 @@ class GridPoint:
     n: int
     seed: int
     model: str = "mlp"
+    arm: str = ""   # the arm's name when it is not its model's (e.g. "mlp_lr0.2")
+
+    @property
+    def arm_name(self) -> str:
+        return self.arm or self.model
 
     @property
     def name(self) -> str:
-        return f"{self.dataset}_{self.model}_{self.loss}_{self.activation}_n{self.n}_s{self.seed}"
+        return (f"{self.dataset}_{self.arm_name}_{self.loss}_{self.activation}_n{self.n}"
+                f"_s{self.seed}")
 
     @property
     def group(self) -> str:
-        return f"{self.dataset}/{self.model}/{self.loss}/{self.activation}"
+        return f"{self.dataset}/{self.arm_name}/{self.loss}/{self.activation}"
 
 
 def _model_of(arm: dict) -> str:
     return arm.get("model", GridPoint.model)   # the MLP unless an arm names another
 
 
+def arm_name(arm: dict) -> str:
+    """An arm's name: its "arm" key, else its model (one arm per model needs no name)."""
+    return arm.get("arm") or _model_of(arm)
+
+
 def dataset_arms(settings: dict, dataset: str) -> list[dict]:
     """The settings of every arm of one dataset: the sweep's, with that dataset's
-    overrides on top (`per_dataset[dataset]`: one dict, or a list of dicts, one per
-    model, e.g. an MLP and a CNN on Fashion-MNIST, each with its η, hold and cap)."""
+    overrides on top (`per_dataset[dataset]`: one dict, or a list of dicts, e.g. an MLP
+    and a CNN on Fashion-MNIST, each with its η, hold and cap). Two arms of one model
+    (another η, another loss) are told apart by an "arm" name."""
     overrides = settings.get("per_dataset", {}).get(dataset, {})
-    arms = [{**settings, **arm} for arm in
+    arms = [{**{k: v for k, v in settings.items() if k != "arm"}, **arm} for arm in
             (overrides if isinstance(overrides, list) else [overrides])]
-    models = [_model_of(arm) for arm in arms]
-    if len(set(models)) != len(models):
-        raise ValueError(f"{dataset}: two arms with the same model ({models}); a dataset's "
-                         f"arms must differ in their model")
+    names = [arm_name(arm) for arm in arms]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{dataset}: two arms named alike ({names}); give arms of the same "
+                         f"model distinct \"arm\" names")
     return arms
 
 
-def arm_settings(settings: dict, dataset: str, model: str | None = None) -> dict:
-    """The settings of the arm of `dataset` that trains `model` (default: its first arm)."""
+def arm_settings(settings: dict, dataset: str, arm: str | None = None) -> dict:
+    """The settings of the arm of `dataset` named `arm` (its "arm" key, else its model;
+    default: the first arm)."""
     arms = dataset_arms(settings, dataset)
-    matching = [arm for arm in arms if model is None or _model_of(arm) == model]
+    matching = [a for a in arms if arm is None or arm_name(a) == arm]
     if not matching:
-        raise ValueError(f"{dataset} has no arm for model {model!r} (arms: "
-                         f"{[_model_of(arm) for arm in arms]})")
+        raise ValueError(f"{dataset} has no arm named {arm!r} (arms: "
+                         f"{[arm_name(a) for a in arms]})")
     return matching[0]
 
 
@@ -126,7 +139,9 @@ def run_row(point: GridPoint, run_dir: Path, settings: dict) -> dict:
            "status": final.get("status", "incomplete"), "stop_reason": final.get("stop_reason"),
            "final_step": final.get("step")}
     rule = eos_rule(settings)
-    hold_steps = arm_settings(settings, point.dataset, point.model)["hold_steps"]
+    arm = arm_settings(settings, point.dataset, point.arm_name)
+    hold_steps = arm["hold_steps"]
+    row["lr"], row["role"] = arm["lr"], arm.get("role", "n_sweep")
     row.update(eos.run_summary(rows, rule, hold_steps))
     # "loss" names the loss function of the grid point; its final value is train_loss.
     row["train_loss"], row["train_accuracy"] = final.get("loss"), final.get("accuracy")
@@ -169,6 +184,7 @@ def run_row(point: GridPoint, run_dir: Path, settings: dict) -> dict:
                                                        for r in window])) if window else None)
     row["valley_late_count"] = sum(math.isfinite(finite_or_nan(r.get("valley_distance")))
                                    for r in window)
+    row.update(c2_run_quantities(window))
     tracked_late = [r for r in rows if "status" not in r and "chi_1" in r
                     and row["eos_entry_step"] is not None and r["step"] >= row["eos_entry_step"]]
     row["chi_1_late"] = _median_of(tracked_late, "chi_1")
@@ -184,10 +200,47 @@ C1_VERDICT_OF_READING = {"growing": "for", "falling": "against", "flat": "agains
                          "saturating": "against", "unresolved": "inconclusive",
                          "undetermined": "inconclusive"}
 MIN_SIZES_AT_EOS = 3   # fewer N values at the edge of stability: "inconclusive", never for/against
-# C2's control rule (`c2_checks`): attraction beats a control direction when the late |s*|
-# along v1 is at most this fraction of the late |s*| along it, and the gradient's alignment
-# with v1 is at least 1/this times its alignment with it. Fixed before any run.
-C2_CONTROL_FRACTION = 0.5
+# C2's rule, version 2 (`c2_checks`), fixed on 2026-12-06 before the decade sweep ran.
+# Version 1 asked for "close to the floor along v1" and "∇L aligned with v1 beyond the
+# controls" at once, over the same late steps. Those exclude each other: along v1 the floor
+# sits at s* = −(∇L·v1)/λ1 in a quadratic valley, so |s*| → 0 forces χ_1 = cos²(∇L, v1) → 0
+# (MNIST-1D tanh in the quick sweep: |s*| = 6e−08, χ_1 ≈ 1e−11), and a run on the floor could
+# never be "for". Version 2:
+#   * measures the distance in the run's own unit, the GD step length ℓ = η‖∇L(θ)‖, not in a
+#     fixed probe range: "close" is a late |s*| ≤ C2_CLOSE_STEPS·ℓ. At the edge of stability
+#     (ηλ1 ≈ 2) a quadratic valley puts the floor |s*| ≤ ℓ/(ηλ1) ≈ ℓ/2 away, inside the next
+#     step; a floor farther than one step means the iterate is not crossing it.
+#   * judges the alignment only where it can hold: over the oscillating phase, the late
+#     probed steps whose last displacement d moved mostly along v1 (cos²(d, v1) ≥
+#     C2_OSCILLATION_ALIGNMENT), which is where a period-2 oscillation across the floor lives.
+#     A run with no oscillating late step (at rest on the floor) has no alignment to judge:
+#     the check is "n/a" and the verdict rests on the two distance checks.
+#   * "against" needs both distance checks to fail; alignment can only support "for".
+C2_CONTROL_FRACTION = 0.5      # v1 beats a control: |s*| ≤ this × the control's, χ_1·this ≥ its
+C2_CLOSE_STEPS = 1.0           # close: late |s*| along v1 ≤ this many GD step lengths
+C2_OSCILLATION_ALIGNMENT = 0.5  # a late probed step oscillates when cos²(d, v1) ≥ this
+NOT_APPLICABLE = "n/a"
+
+
+def c2_run_quantities(window: list[dict]) -> dict:
+    """One run's C2 quantities over its late probed rows (`late_window`): the floor's
+    distance in GD step lengths, the oscillating rows (cos²(d, v1) ≥
+    C2_OSCILLATION_ALIGNMENT) and, over those only, χ_1 and the controls' alignments."""
+    with_disp = [r for r in window if r.get("disp_v1_alignment") is not None]
+    oscillating = [r for r in with_disp
+                   if finite_or_nan(r["disp_v1_alignment"]) >= C2_OSCILLATION_ALIGNMENT]
+    return {
+        "valley_distance_steps_late": _median_of(window, "valley_distance_steps"),
+        "probe_s_max_steps_late": _median_of(window, "probe_s_max_steps"),
+        "probe_s_max_theta_late": _median_of(window, "probe_s_max_theta"),
+        "disp_v1_alignment_late": _median_of(with_disp, "disp_v1_alignment"),
+        "oscillating_fraction_late": (len(oscillating) / len(with_disp) if with_disp
+                                      else float("nan")),
+        "oscillating_count_late": len(oscillating),
+        "chi_1_oscillating": _median_of(oscillating, "probe_v1_grad_alignment"),
+        "alignment_oscillating_random": _median_of(oscillating, "probe_rand0_grad_alignment"),
+        "alignment_oscillating_v1init": _median_of(oscillating, "probe_v1init_grad_alignment"),
+    }
 
 
 def c1_group_verdict(entry: dict, confidence: float) -> str:
@@ -201,39 +254,50 @@ def c1_group_verdict(entry: dict, confidence: float) -> str:
     return C1_VERDICT_OF_READING[reading]
 
 
-def c2_checks(c2: dict, s_max: float) -> dict:
-    """The three C2 checks of a group (True, False, or None when a number is missing):
+def c2_checks(c2: dict) -> dict:
+    """The three C2 checks of a group (rule version 2, see C2_CLOSE_STEPS): True, False,
+    None when a number is missing, or NOT_APPLICABLE.
 
-    close: the late |s*| along v1 is ≤ CLOSE_FRACTION·s_max;
-    nearer_than_controls: it is ≤ C2_CONTROL_FRACTION × the late |s*| along each control
-      direction (random, and v1 at the first tracked step);
-    aligned_beyond_controls: C2_CONTROL_FRACTION × the late χ_1 is ≥ the late gradient
-      alignment cos²(∇L, u) along each control.
+    close: the late |s*| along v1 is ≤ C2_CLOSE_STEPS GD step lengths (median over runs
+      of each run's late median);
+    nearer_than_controls: the late |s*| along v1 is ≤ C2_CONTROL_FRACTION × the late |s*|
+      along each control direction (random, and v1 at the first tracked step);
+    aligned_while_oscillating: over the oscillating late steps only, C2_CONTROL_FRACTION ×
+      χ_1 ≥ cos²(∇L, u) for each control u; NOT_APPLICABLE when no run oscillates.
     """
-    late = c2["late_median"]
+    late, late_steps = c2["late_median"], c2["late_steps_median"]
     controls = [c2["late_random_median"], c2["late_v1init_median"]]
-    alignments = [c2["alignment_random_median"], c2["alignment_v1init_median"]]
+    alignments = [c2["alignment_oscillating_random_median"],
+                  c2["alignment_oscillating_v1init_median"]]
     known = lambda *xs: all(math.isfinite(x) for x in xs)
+    if not c2["runs_oscillating"]:
+        aligned = NOT_APPLICABLE
+    elif known(c2["chi_1_oscillating_median"], *alignments):
+        aligned = all(C2_CONTROL_FRACTION * c2["chi_1_oscillating_median"] >= a
+                      for a in alignments)
+    else:
+        aligned = None
     return {
-        "close": (late <= verdicts.CLOSE_FRACTION * s_max) if known(late) and s_max else None,
+        "close": (late_steps <= C2_CLOSE_STEPS) if known(late_steps) else None,
         "nearer_than_controls": (all(late <= C2_CONTROL_FRACTION * c for c in controls)
                                  if known(late, *controls) else None),
-        "aligned_beyond_controls": (all(C2_CONTROL_FRACTION * c2["chi_1_late_median"] >= a
-                                        for a in alignments)
-                                    if known(c2["chi_1_late_median"], *alignments) else None),
+        "aligned_while_oscillating": aligned,
     }
 
 
-def c2_group_verdict(entry: dict, s_max: float) -> str:
-    """"for" when every check of `c2_checks` holds, "against" when none does,
-    "inconclusive" otherwise, when one is missing, or with fewer than MIN_SIZES_AT_EOS
-    sizes at the edge of stability."""
-    checks = list(entry["c2"]["checks"].values())
-    if entry["sizes_at_eos"] < MIN_SIZES_AT_EOS or None in checks:
+def c2_group_verdict(entry: dict) -> str:
+    """"for" when both distance checks of `c2_checks` hold and the alignment holds or is
+    NOT_APPLICABLE; "against" when both distance checks fail; "inconclusive" otherwise,
+    when a number is missing, or with fewer than MIN_SIZES_AT_EOS sizes at the edge of
+    stability."""
+    checks = entry["c2"]["checks"]
+    distance = [checks["close"], checks["nearer_than_controls"]]
+    aligned = checks["aligned_while_oscillating"]
+    if entry["sizes_at_eos"] < MIN_SIZES_AT_EOS or None in distance or aligned is None:
         return "inconclusive"
-    if all(checks):
+    if all(distance) and aligned in (True, NOT_APPLICABLE):
         return "for"
-    if not any(checks):
+    if not any(distance):
         return "against"
     return "inconclusive"
 
@@ -260,7 +324,8 @@ def _fits(runs: list[dict], settings: dict) -> dict:
 def summarize_group(members: list[dict], settings: dict) -> dict:
     """One group's summary entry. Fits and C1/C2 verdicts use the runs at the edge of
     stability only (`at_eos`); every other run is counted, never fitted."""
-    settings = arm_settings(settings, members[0]["dataset"], members[0]["model"])
+    settings = arm_settings(settings, members[0]["dataset"],
+                            members[0].get("arm") or members[0]["model"])
     at_eos = [r for r in members if r.get("status") == "finished" and r.get("at_eos")]
     stop, labels = {}, {}
     for r in members:
@@ -269,6 +334,8 @@ def summarize_group(members: list[dict], settings: dict) -> dict:
         labels[r.get("eos_label")] = labels.get(r.get("eos_label"), 0) + 1
     entry = {"group": members[0]["group"],
              **{k: members[0][k] for k in ("dataset", "model", "loss", "activation")},
+             "arm": members[0].get("arm") or members[0]["model"], "lr": settings["lr"],
+             "role": settings.get("role", "n_sweep"),
              "runs_total": len(members), "runs_at_eos": len(at_eos),
              "sizes_at_eos": len({r["n"] for r in at_eos}),
              "runs_above_eos": labels.get(eos.LABEL_ABOVE, 0),
@@ -281,6 +348,16 @@ def summarize_group(members: list[dict], settings: dict) -> dict:
                              ("late_v1init", "valley_distance_late_v1init"),
                              ("alignment_random", "alignment_late_random"),
                              ("alignment_v1init", "alignment_late_v1init"))},
+        **{f"{name}_median": nanmedian([finite_or_nan(r.get(key)) for r in at_eos])
+           for name, key in (("late_steps", "valley_distance_steps_late"),
+                             ("probe_s_max_steps", "probe_s_max_steps_late"),
+                             ("probe_s_max_theta", "probe_s_max_theta_late"),
+                             ("disp_v1_alignment", "disp_v1_alignment_late"),
+                             ("oscillating_fraction", "oscillating_fraction_late"),
+                             ("chi_1_oscillating", "chi_1_oscillating"),
+                             ("alignment_oscillating_random", "alignment_oscillating_random"),
+                             ("alignment_oscillating_v1init", "alignment_oscillating_v1init"))},
+        "runs_oscillating": sum(bool(r.get("oscillating_count_late")) for r in at_eos),
         "init_median": nanmedian([finite_or_nan(r.get("valley_distance_init")) for r in at_eos]),
         "chi_1_late_median": nanmedian([finite_or_nan(r.get("chi_1_late")) for r in at_eos]),
         "late_edge_fraction": nanmean(r.get("valley_late_edge_fraction") for r in at_eos),
@@ -291,10 +368,43 @@ def summarize_group(members: list[dict], settings: dict) -> dict:
     entry["shape"] = {key: nanmedian([finite_or_nan(r.get(key)) for r in at_eos]) for key in
                       ("probe_v1_slope_exponent", "probe_v1_curvature_exponent",
                        "probe_v1_quadratic_ratio")}
-    entry["c2"]["checks"] = c2_checks(entry["c2"], settings["probe_s_max"])
+    entry["c2"]["checks"] = c2_checks(entry["c2"])
     entry["verdict"] = c1_group_verdict(entry, settings["confidence"])
-    entry["c2_verdict"] = c2_group_verdict(entry, settings["probe_s_max"])
+    entry["c2_verdict"] = c2_group_verdict(entry)
     return entry
+
+
+def eta_scaling(rows: list[dict], settings: dict) -> list[dict]:
+    """How the late |s*| along v1 scales with η (MISSION.md, C2): for each setting
+    (dataset, model, loss, activation) run at ≥ 3 η, at the largest N every η ran, a
+    log–log fit of each run's late |s*| against η (bootstrap over seeds), from the runs at
+    the edge of stability only."""
+    at_eos = [r for r in rows if r.get("status") == "finished" and r.get("at_eos")
+              and r.get("lr") is not None]
+    scans = []
+    key = lambda r: (r["dataset"], r["model"], r["loss"], r["activation"])
+    for setting in dict.fromkeys(key(r) for r in at_eos):
+        runs = [r for r in at_eos if key(r) == setting]
+        lrs = sorted({r["lr"] for r in runs})
+        common = set.intersection(*({r["n"] for r in runs if r["lr"] == lr} for lr in lrs))
+        if len(lrs) < 3 or not common:
+            continue
+        n = max(common)
+        runs = [r for r in runs if r["n"] == n]
+        seeds = sorted({r["seed"] for r in runs})
+        table = np.full((len(lrs), len(seeds)), np.nan)
+        steps = np.full_like(table, np.nan)
+        for r in runs:
+            i, j = lrs.index(r["lr"]), seeds.index(r["seed"])
+            table[i, j] = finite_or_nan(r.get("valley_distance_late"))
+            steps[i, j] = finite_or_nan(r.get("valley_distance_steps_late"))
+        fit = fit_scaling(lrs, table, scale="log", num_bootstrap=settings["num_bootstrap"],
+                          confidence=settings["confidence"])
+        scans.append({"setting": " / ".join(setting), "n": n, "lrs": lrs,
+                      "late_medians": [nanmedian(row) for row in table],
+                      "late_steps_medians": [nanmedian(row) for row in steps],
+                      "runs": len(runs), "fit": fit})
+    return scans
 
 
 def summarize(rows: list[dict], settings: dict) -> dict:
@@ -309,10 +419,13 @@ def summarize(rows: list[dict], settings: dict) -> dict:
         "eos_threshold": rule.threshold, "eos_band": list(rule.band), "eos_window": rule.window,
         "hold_steps": settings["hold_steps"], "max_steps": settings["max_steps"],
         "min_sizes_at_eos": MIN_SIZES_AT_EOS, "c2_control_fraction": C2_CONTROL_FRACTION,
+        "c2_rule": {"version": 2, "close_steps": C2_CLOSE_STEPS,
+                    "oscillation_alignment": C2_OSCILLATION_ALIGNMENT,
+                    "control_fraction": C2_CONTROL_FRACTION},
         "setup": setup_text(settings),
         "quantities": {k: {"label": label, "scale": scale}
                        for k, (label, scale) in QUANTITIES.items()},
-        "groups": groups})
+        "groups": groups, "eta_scaling": eta_scaling(rows, settings)})
 
 
 def _arm_text(arm: dict, dataset: str) -> str:

@@ -25,7 +25,6 @@ POSITIVE, NEGATIVE, INCLUDES_ZERO, UNDETERMINED = (
 
 # C2: "close to the valley floor" means a late-training |s*| within this
 # fraction of the probe half-range s_max. A definition, fixed before any run.
-CLOSE_FRACTION = 0.1
 
 
 def _finite(x) -> bool:
@@ -254,46 +253,56 @@ def _c1_contrast(summary: dict, quantity: str, labels: dict) -> str:
 def c2_verdict(summary: dict) -> str:
     """Markdown for claim C2: does GD bring θ close to the valley floor along v1, and stay?"""
     conf = summary.get("confidence", 0.95)
-    s_max = summary.get("probe_s_max")
+    rule = summary.get("c2_rule") or {}
+    control = summary.get("c2_control_fraction", 0.5)
     lines = [
         "## C2 Attraction: how far is the iterate from the valley floor along v1?", "",
         "Definition (from the records): along the top Hessian eigenvector v1 at a probed step, "
-        "s* is the minimizer of L(θ + s v1) on [−s_max, s_max] (grid minimum refined by "
-        "bisection on the slope), and the valley distance is |s*|. Its late-training level is the "
-        "median of |s*| over the probed steps from the run's entry into the edge of stability "
-        "on (lossland.eos), final iterate included. Only runs that held the edge of stability "
-        "count. When the minimum sits at ±s_max the floor is farther and |s*| = s_max is a "
-        "lower bound. Three checks, fixed in advance (lossland.scaling.c2_checks): the iterate "
-        f"is close to the floor when the late level is ≤ {CLOSE_FRACTION:g}·s_max (s_max = "
-        f"{fmt(s_max, 3)}); it is nearer than the controls when the late level is ≤ "
-        f"{summary.get('c2_control_fraction', 0.5):g}× the same late distance along each control "
-        "direction (a random unit direction, and v1 at the run's first tracked step); and the "
-        f"gradient is aligned beyond the controls when {summary.get('c2_control_fraction', 0.5):g}"
-        "× the late χ_1 = cos²(∇L, v1) is ≥ cos²(∇L, u) for each control u. C2 holds "
-        "(\"for\") when all three hold, fails (\"against\") when none does, and is "
-        "\"inconclusive\" otherwise or with fewer than "
-        f"{summary.get('min_sizes_at_eos', 3)} sizes N at the edge of stability.",
+        "s* is the minimizer of L(θ + s v1) on the probe range (grid minimum refined by "
+        "bisection on the slope), and the valley distance is |s*|, also in GD step lengths "
+        "ℓ = η‖∇L(θ)‖ at that step. Its late level is the median over the probed steps from "
+        "the run's entry into the edge of stability on (lossland.eos), final iterate "
+        "included. Only runs that held the edge of stability count. A late probed step "
+        "*oscillates* when its last GD displacement d moved mostly along v1: cos²(d, v1) ≥ "
+        f"{fmt(rule.get('oscillation_alignment', 0.5), 2)}. Three checks, fixed before the "
+        f"runs (rule version {rule.get('version', 1)}, lossland.scaling.c2_checks): the "
+        f"iterate is *close* when the late |s*| ≤ {fmt(rule.get('close_steps', 1.0), 2)} "
+        "step length(s) (at the edge of stability a quadratic valley puts the floor about "
+        f"half a step away); it is *nearer than the controls* when the late |s*| ≤ {control:g}× "
+        "the same late distance along each control direction (a random unit direction, and "
+        "v1 at the run's first tracked step); and, over the oscillating steps only, the "
+        f"gradient is *aligned* when {control:g}× χ_1 = cos²(∇L, v1) ≥ cos²(∇L, u) for each "
+        "control u (\"n/a\" when no run oscillates: on the floor at rest χ_1 → 0 by "
+        "construction, so alignment cannot be asked of it). C2 holds (\"for\") when both "
+        "distance checks hold and the alignment holds or is n/a; it fails (\"against\") "
+        "when both distance checks fail; it is \"inconclusive\" otherwise, or with fewer "
+        f"than {summary.get('min_sizes_at_eos', 3)} sizes N at the edge of stability.",
         ""]
     for group in _groups(summary):
         c2 = group.get("c2", {})
         late, init = _number(c2.get("late_median")), _number(c2.get("init_median"))
-        fraction = late / s_max if _finite(s_max) and s_max > 0 else float("nan")
-        close = _finite(fraction) and fraction <= CLOSE_FRACTION
-        verdict = "close to the floor by our rule" if close else "not close by our rule"
+        steps = _number(c2.get("late_steps_median"))
         late_edge = 100 * _number(c2.get("late_edge_fraction"))
         init_edge = 100 * _number(c2.get("init_edge_fraction"))
-        control = _number(c2.get("late_random_median"))
         text = (f"**{_group_title(group)}**: C2 verdict **{group.get('c2_verdict', 'n/a')}** "
                 f"({eos_count(group)}). Late |s*| median over those runs {fmt(late, 3)} = "
-                f"{fmt(100 * fraction, 1)}% of s_max ({verdict}); floor beyond the probe range "
-                f"in {fmt(late_edge, 0)}% of late probes. At step 0 the median was "
-                f"{fmt(init, 3)} ({fmt(init_edge, 0)}% at the edge). Controls, late medians: "
-                f"|s*| {fmt(control, 3)} along a random direction and "
-                f"{fmt(_number(c2.get('late_v1init_median')), 3)} along v1 at the first tracked "
-                f"step; χ_1 {fmt(_number(c2.get('chi_1_late_median')), 3)} against alignments "
-                f"{fmt(_number(c2.get('alignment_random_median')), 3)} (random) and "
-                f"{fmt(_number(c2.get('alignment_v1init_median')), 3)} (v1 at the first tracked "
-                f"step); checks {c2.get('checks')}")
+                f"{fmt(steps, 3)} GD step lengths (probe half-range "
+                f"{fmt(_number(c2.get('probe_s_max_steps_median')), 3)} step lengths = "
+                f"{fmt(_number(c2.get('probe_s_max_theta_median')), 3)}·‖θ‖); floor beyond "
+                f"the probe range in {fmt(late_edge, 0)}% of late probes. At step 0 the "
+                f"median was {fmt(init, 3)} ({fmt(init_edge, 0)}% at the edge). Controls, "
+                f"late medians: |s*| {fmt(_number(c2.get('late_random_median')), 3)} along a "
+                f"random direction and {fmt(_number(c2.get('late_v1init_median')), 3)} along "
+                f"v1 at the first tracked step. Oscillating: "
+                f"{c2.get('runs_oscillating', 'n/a')} of {group.get('runs_at_eos')} runs, a "
+                f"median {fmt(100 * _number(c2.get('oscillating_fraction_median')), 0)}% of "
+                f"late probed steps (cos²(d, v1) median "
+                f"{fmt(_number(c2.get('disp_v1_alignment_median')), 3)}); over those steps χ_1 "
+                f"{fmt(_number(c2.get('chi_1_oscillating_median')), 3)} against alignments "
+                f"{fmt(_number(c2.get('alignment_oscillating_random_median')), 3)} (random) "
+                f"and {fmt(_number(c2.get('alignment_oscillating_v1init_median')), 3)} (v1 at "
+                f"the first tracked step); late χ_1 over all steps "
+                f"{fmt(_number(c2.get('chi_1_late_median')), 3)}; checks {c2.get('checks')}")
         if _finite(late) and _finite(init) and init > 0 and late > 0:
             change = (f"shrank by a factor {fmt(init / late, 1)}" if late < init
                       else f"grew by a factor {fmt(late / init, 1)}")
@@ -304,12 +313,31 @@ def c2_verdict(summary: dict) -> str:
             text += f". Against N, the late |s*| {sentence}"
         lines.append(text + ".")
         lines.append("")
-    lr = summary.get("lr")
-    lrs = summary.get("lrs") or ([lr] if lr is not None else [])
-    if len(lrs) < 2:
-        lines.append(f"Scaling with η: this sweep ran a single η ({fmt(lr, 3)}); how the late "
-                     "level scales with η needs runs at several η and is not measured here.")
+    lines.extend(_eta_scaling_lines(summary))
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _eta_scaling_lines(summary: dict) -> list[str]:
+    """How the late |s*| scales with η, from `summary["eta_scaling"]` when the sweep ran
+    several η on one setting."""
+    scans = summary.get("eta_scaling") or []
+    if not scans:
+        lr = summary.get("lr")
+        return [f"Scaling with η: this sweep ran a single η per setting ({fmt(lr, 3)}); how "
+                "the late level scales with η needs runs at several η and is not measured "
+                "here."]
+    lines = []
+    for scan in scans:
+        fit = scan.get("fit") or {}
+        lines.append(
+            f"Scaling with η, **{scan['setting']}** (N = {scan.get('n')}, η ∈ "
+            f"{scan.get('lrs')}): the late |s*| along v1 goes as η^{fmt(fit.get('slope'), 2)} "
+            f"{fmt_interval(fit.get('ci_low'), fit.get('ci_high'))} "
+            f"({interval_sign(fit.get('ci_low'), fit.get('ci_high'))}); medians "
+            f"{[fmt(v, 3) for v in scan.get('late_medians', [])]}; in step lengths "
+            f"{[fmt(v, 3) for v in scan.get('late_steps_medians', [])]}.")
+        lines.append("")
+    return lines
 
 
 def quantity_table(summary: dict, *, digits: int = 2) -> str:

@@ -186,3 +186,39 @@ def test_prober_row_is_compact_json_and_consistent():
     for key, value in moved.items():
         if isinstance(value, float) and np.isfinite(value):
             assert batched[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def test_probe_range_tied_to_the_iterate(x64):
+    """--probe_s_max_steps / --probe_s_max_theta: the half-range is max(steps·η‖∇L‖,
+    fraction·‖θ‖) at the probed iterate, the row states it in both units, and the valley
+    distance in step lengths is |s*| / (η‖∇L‖)."""
+    model, objective = _tiny_objective(dtype=jnp.float64)
+    params = model.params
+    theta, unravel = ravel_pytree(params)
+    hessian = jax.jit(jax.hessian(lambda t: objective.loss_fn(unravel(t), objective.data)))(theta)
+    v1 = jnp.linalg.eigh(hessian)[1][:, -1]
+    grad_norm = float(jnp.linalg.norm(ravel_pytree(objective.grad(params))[0]))
+    param_norm = float(jnp.linalg.norm(theta))
+    lr = 0.1
+    for steps, fraction in ((12.0, 1e-6), (1e-6, 0.01)):   # each side of the max
+        prober = probes.make_prober(objective, s_max=0.05, num_points=11,
+                                    num_random_directions=1, lr=lr, s_max_steps=steps,
+                                    s_max_theta=fraction)
+        row = prober(params, objective.data, v1, 0.3 * v1 + 0.1 * theta, jax.random.key(0))
+        expected = max(steps * lr * grad_norm, fraction * param_norm)
+        assert row["probe_s_max"] == pytest.approx(expected, rel=1e-9)
+        assert row["probe_step_length"] == pytest.approx(lr * grad_norm, rel=1e-9)
+        assert row["probe_param_norm"] == pytest.approx(param_norm, rel=1e-9)
+        assert row["probe_s_max_steps"] == pytest.approx(expected / (lr * grad_norm), rel=1e-9)
+        assert row["probe_s_max_theta"] == pytest.approx(expected / param_norm, rel=1e-9)
+        assert abs(row["probe_v1_s_star"]) <= expected * (1 + 1e-9)
+        assert row["valley_distance_steps"] == pytest.approx(
+            row["valley_distance"] / (lr * grad_norm), rel=1e-9)
+        d = 0.3 * v1 + 0.1 * theta
+        cos2 = float(jnp.vdot(d, v1) ** 2 / jnp.vdot(d, d))
+        assert row["disp_v1_alignment"] == pytest.approx(cos2, rel=1e-9)
+    fixed = probes.make_prober(objective, s_max=0.05, num_points=11, num_random_directions=1,
+                               lr=lr)(params, objective.data, v1, jnp.zeros_like(theta),
+                                      jax.random.key(0))
+    assert fixed["probe_s_max"] == pytest.approx(0.05)
+    assert fixed["disp_v1_alignment"] is None   # no displacement at the first step

@@ -65,7 +65,12 @@ def _synthetic_rows(rng):
                              "chi_1_late": 0.9, "alignment_late_random": 1e-4 * noise,
                              "alignment_late_v1init": 0.05 * noise,
                              "valley_distance_init": 0.05, "valley_init_at_edge": True,
-                             "valley_late_edge_fraction": 0.0})
+                             "valley_late_edge_fraction": 0.0,
+                             "valley_distance_steps_late": 0.5 * noise,
+                             "oscillating_count_late": 4, "oscillating_fraction_late": 1.0,
+                             "chi_1_oscillating": 0.9,
+                             "alignment_oscillating_random": 1e-4 * noise,
+                             "alignment_oscillating_v1init": 0.05 * noise})
     return rows
 
 
@@ -84,7 +89,9 @@ def test_verdict_follows_the_numbers():
     assert verdicts.C1_READING_TEXT["flat"] in first_tanh_line
     assert "nearest to a smooth valley" in relu_part and "sharpness alone predicts" in relu_part
     c2 = verdicts.c2_verdict(summary)
-    assert "close to the floor by our rule" in c2 and "shrank" in c2
+    assert "C2 verdict **for**" in c2 and re.search(r"= 0\.5\d* GD step lengths", c2)
+    assert "shrank" in c2
+    assert "'close': True" in c2 and "rule version 2" in c2
     # Swap the roles: the verdict must swap with them.
     swapped = [dict(r, activation={"relu": "tanh", "tanh": "relu"}[r["activation"]],
                     group="mnist1d/mlp/mse/" + {"relu": "tanh", "tanh": "relu"}[r["activation"]])
@@ -135,13 +142,13 @@ def test_fits_use_only_runs_at_the_edge_of_stability_and_few_sizes_are_inconclus
     assert relu["runs_total"] == relu["runs_at_eos"] == 18 and relu["sizes_at_eos"] == 6
     assert relu["verdict"] == "for"                     # N^0.5 growth: consistent with C1
     assert _group(full, TANH)["verdict"] == "against"   # flat
-    # 0.002 ≤ 0.1·s_max, ≤ 0.5 × 0.04 and 0.03 (controls), 0.5 × 0.9 ≥ 1e-4 and 0.05.
+    # 0.5 step lengths ≤ 1, 0.002 ≤ 0.5 × 0.04 and 0.03 (controls), 0.5 × 0.9 ≥ 1e-4 and 0.05.
     assert relu["c2_verdict"] == "for" and all(relu["c2"]["checks"].values())
     # A control direction as near to the floor as v1: attraction does not beat it.
     near = [dict(r, valley_distance_late_v1init=0.002) for r in rows]
     checks = _group(scaling.summarize(near, SETTINGS), RELU)["c2"]["checks"]
     assert checks == {"close": True, "nearer_than_controls": False,
-                      "aligned_beyond_controls": True}
+                      "aligned_while_oscillating": True}
     assert _group(scaling.summarize(near, SETTINGS), RELU)["c2_verdict"] == "inconclusive"
     # Only the two smallest N held the edge of stability: they are the only ones fitted, and
     # two sizes cannot decide.
@@ -275,3 +282,84 @@ def test_bad_flag_fails_before_writing(tmp_path):
                         f"--workdir={workdir}", timeout=120)
     assert result.returncode == 2 and "--activations" in result.stderr, result.stderr
     assert not workdir.exists()
+
+
+# C2 rule version 2 on synthetic run records: three runs' metrics.jsonl per case, read back
+# through run_row (late window, step-length units, oscillating steps) and summarize.
+C2_CASES = {
+    # A period-2 oscillation across the floor: |s*| half a step, the last step along v1.
+    "oscillating": dict(valley_distance=0.01, valley_distance_steps=0.5, disp_v1_alignment=0.95,
+                        probe_v1_grad_alignment=0.95),
+    # At rest on the floor (version 1's contradiction): |s*| ≈ 0, so χ_1 ≈ 0 too.
+    "at_rest": dict(valley_distance=1e-8, valley_distance_steps=1e-6, disp_v1_alignment=1e-10,
+                    probe_v1_grad_alignment=1e-11),
+    # Far from the floor: 8 step lengths away, farther than along the controls.
+    "far": dict(valley_distance=0.4, valley_distance_steps=8.0, disp_v1_alignment=0.9,
+                probe_v1_grad_alignment=0.9),
+}
+CONTROLS = dict(probe_rand0_s_star=0.2, probe_v1init_s_star=-0.1,
+                probe_rand0_grad_alignment=1e-5, probe_v1init_grad_alignment=0.02)
+
+
+def _c2_run_records(case: dict) -> list[dict]:
+    """A run below the edge of stability until step 100, then holding it, probed every 50."""
+    rows = []
+    for step in range(0, 401, 10):
+        row = {"step": step, "loss": 0.1, "stability_ratio": 0.5 if step < 100 else 0.97,
+               "eigenvalues": [38.8], "chi_1": case["probe_v1_grad_alignment"]}
+        if step % 50 == 0:
+            row.update(case, **CONTROLS, valley_at_edge=False)
+            if step == 0:
+                row["disp_v1_alignment"] = None
+        rows.append(row)
+    rows.append({**rows[-1], "status": "finished", "stop_reason": "eos_hold"})
+    return rows
+
+
+@pytest.mark.parametrize("name,verdict,checks", [
+    ("oscillating", "for", {"close": True, "nearer_than_controls": True,
+                            "aligned_while_oscillating": True}),
+    ("at_rest", "for", {"close": True, "nearer_than_controls": True,
+                        "aligned_while_oscillating": scaling.NOT_APPLICABLE}),
+    ("far", "against", {"close": False, "nearer_than_controls": False,
+                        "aligned_while_oscillating": True}),
+])
+def test_c2_rule_on_synthetic_records(tmp_path, name, verdict, checks):
+    settings = {**SETTINGS, "activations": ["relu"], "n_values": [500, 1000, 2000],
+                "seeds": [0], "eos_band": [0.9, 1.1], "eos_window": 3}
+    rows = []
+    for n in settings["n_values"]:
+        point = scaling.GridPoint("mnist1d", "mse", "relu", n, 0)
+        run_dir = tmp_path / point.name
+        run_dir.mkdir()
+        (run_dir / records.METRICS_FILE).write_text(
+            "".join(json.dumps(r) + "\n" for r in _c2_run_records(C2_CASES[name])))
+        rows.append(scaling.run_row(point, run_dir, settings))
+    assert all(r["at_eos"] for r in rows)
+    group = _group(scaling.summarize(rows, settings), RELU)
+    assert group["c2"]["checks"] == checks
+    assert group["c2_verdict"] == verdict
+    expected_fraction = 1.0 if C2_CASES[name]["disp_v1_alignment"] >= 0.5 else 0.0
+    assert group["c2"]["oscillating_fraction_median"] == expected_fraction
+    assert group["c2"]["late_steps_median"] == pytest.approx(
+        C2_CASES[name]["valley_distance_steps"])
+
+
+def test_eta_scaling_of_the_late_valley_distance():
+    """Three η on one setting: the late |s*| ∝ η is fitted with exponent ≈ 1; two η, none."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for lr in (0.05, 0.1, 0.2):
+        for seed in (0, 1, 2):
+            rows.append({"dataset": "mnist1d", "model": "mlp", "loss": "mse",
+                         "activation": "relu", "n": 1024, "seed": seed, "lr": lr,
+                         "status": "finished", "at_eos": True,
+                         "valley_distance_late": 0.3 * lr * np.exp(0.02 * rng.normal()),
+                         "valley_distance_steps_late": 0.5})
+    scans = scaling.eta_scaling(rows, SETTINGS)
+    assert len(scans) == 1 and scans[0]["lrs"] == [0.05, 0.1, 0.2] and scans[0]["n"] == 1024
+    assert scans[0]["fit"]["slope"] == pytest.approx(1.0, abs=0.05)
+    assert scans[0]["fit"]["ci_low"] > 0
+    assert scaling.eta_scaling([r for r in rows if r["lr"] != 0.2], SETTINGS) == []
+    summary = {"lr": 0.1, "eta_scaling": scans, "groups": []}
+    assert re.search(r"goes as η\^(0\.99|1\.0)", verdicts.c2_verdict(summary))
