@@ -215,6 +215,75 @@ def _subspace_section(root: Path) -> list[str]:
     return lines + [""]
 
 
+def c3_glance_rows(eos_summary: dict | None, gn: dict | None) -> list[list]:
+    """C3 rows of the verdicts-at-a-glance table: one per η of the EoS sweep, one for the
+    Gauss–Newton split; the same rules as `c3_verdict_lines`."""
+    rows = []
+    for run in (eos_summary or {}).get("runs", {}).values():
+        ratio, chi1 = (run.get("median_stability_ratio_last_half"),
+                       run.get("median_chi_1_last_half"))
+        if ratio is None:
+            continue
+        at_edge = EOS_BAND[0] <= ratio <= EOS_BAND[1]
+        concentrated = chi1 is not None and chi1 >= CHI1_CONCENTRATED
+        verdict = ("for" if at_edge and concentrated else
+                   "against" if not at_edge and not concentrated else "partly")
+        rows.append(["C3", f"EoS sweep, η = {run['lr']:g}", verdict,
+                     f"median λ1·η/2 = {verdicts.fmt(ratio, 3)} (band {list(EOS_BAND)}), "
+                     f"χ_1 = {verdicts.fmt(chi1, 3)} (≥ {CHI1_CONCENTRATED})",
+                     "1 / 1" if run.get("entry_step") is not None else "0 / 1"])
+    if gn:
+        rows.append(["C3 (G)", f"Gauss–Newton split, η = {gn['lr']}",
+                     "for" if gn["median_gn_share"] >= GN_CARRIES else "against",
+                     f"λ1(G)/λ1(H) = {verdicts.fmt(gn['median_gn_share'], 3)} "
+                     f"(≥ {GN_CARRIES})", "n/a"])
+    return rows
+
+
+def c4_glance_rows(folder: Path) -> list[list]:
+    """C4 rows: from c4_summary.json (several warm-up seeds: verdict and smallest margin per
+    criterion) when present, else from experiment.json (one warm-up)."""
+    spread = _read_json(folder / "c4_summary.json")
+    if spread:
+        rows = []
+        for group in spread.get("groups", [spread]):
+            margins = "; ".join(
+                f"{c['name']} {c.get('verdict', c.get('holds'))} (smallest margin "
+                f"{verdicts.fmt(c.get('min_margin'), 3)})" for c in group.get("criteria", []))
+            rows.append(["C4", f"{group.get('baseline', 'gd')} vs Dom/Bulk, "
+                               f"{len(spread.get('seeds', []))} seeds",
+                         group.get("verdict", "n/a"), margins, "n/a"])
+        return rows
+    experiment = _read_json(folder / "experiment.json")
+    rows = []
+    for group in (experiment or {}).get("criteria", []):
+        margins = "; ".join(f"{c['name']} = {verdicts.fmt(c['value'], 3)} vs {c['threshold']}"
+                            for c in group["checks"])
+        rows.append(["C4", f"{group['baseline']} vs Dom/Bulk, one warm-up", group["verdict"],
+                     margins, "n/a"])
+    return rows
+
+
+def _glance_section(root: Path) -> list[str]:
+    """Verdicts at a glance: one row per claim and group, generated from the summaries."""
+    rows = []
+    for name, label in (("sweep_n", ""), ("sweep_ce", "cross-entropy control")):
+        summary = _read_json(root / name / "summary.json")
+        if summary:
+            rows += verdicts.glance_rows(summary, label=label)
+    gn_dir = root / "gn"
+    gn = gn_summary(records.read_metrics(gn_dir)) if (gn_dir / records.METRICS_FILE).exists() \
+        else None
+    rows += c3_glance_rows(_read_json(root / "eos" / "summary.json"), gn)
+    rows += c4_glance_rows(root / "subspace")
+    if not rows:
+        return []
+    return ["## Verdicts at a glance", "",
+            "Each verdict follows a rule fixed before the runs; the sections below state the "
+            "rules and every number behind them.", "",
+            verdicts.markdown_table(verdicts.GLANCE_HEADER, rows), ""]
+
+
 def write_report(root: Path, preset: str, experiments: list[str],
                  total_s: float | None = None) -> Path:
     """Writes root/REPORT.md from whatever records the experiments left; returns its path."""
@@ -222,6 +291,7 @@ def write_report(root: Path, preset: str, experiments: list[str],
              f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} by `experiments.reproduce` from "
              "the records under this folder. Every number and verdict below is computed from "
              "those records; the rules behind each verdict are stated with it.", ""]
+    lines += _glance_section(root)
     lines += _environment_section(root)
     lines += _timing_section(root, experiments, total_s)
     lines += _sweep_section(root)

@@ -33,6 +33,8 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 from absl import app, flags, logging
 
 from experiments.sweep_presets import PRESETS, SWEEP_DEFAULTS
@@ -57,8 +59,8 @@ def define_flags() -> None:
                       "skipped and interrupted ones resumed).")
     flags.DEFINE_list("dataset", None, "Data source(s); each is its own sweep. Default: preset.")
     flags.DEFINE_string("data_dir", None, "Folder with dataset files (see experiments.train).")
-    flags.DEFINE_list("n_values", None, "Training-set sizes N (nested subsets). Values above a "
-                      "dataset's size are capped at it. Default: preset.")
+    flags.DEFINE_list("n_values", None, "Training-set sizes N (nested subsets), each at most "
+                      "the dataset's size. Default: preset.")
     flags.DEFINE_list("seeds", None, "Seeds (data order and init). Default: preset.")
     flags.DEFINE_list("activations", None, "Activations (a kinked and a smooth control). "
                       "Default: preset (relu,tanh; relu on Fashion-MNIST).")
@@ -84,6 +86,13 @@ def define_flags() -> None:
     flags.DEFINE_integer("probe_every", None, "Probe every this many steps (a multiple of "
                          "--track_every); probes also run at the end. Default: preset.")
     flags.DEFINE_float("probe_s_max", None, "Probe half-range s_max. Default: preset.")
+    flags.DEFINE_float("probe_s_max_steps", None, "Tie the probe half-range to each probed "
+                       "iterate: at least this many GD step lengths η‖∇L‖ (0 = off; see "
+                       "experiments.train). Default: preset.")
+    flags.DEFINE_float("probe_s_max_theta", None, "... and at least this fraction of ‖θ‖ (0 = "
+                       "off). Default: preset.")
+    flags.DEFINE_bool("probe_from_eos", None, "Periodic probes only from the run's entry "
+                      "into the edge of stability on (see experiments.train). Default: preset.")
     flags.DEFINE_integer("probe_points", None, "Points per probe line. Default: preset.")
     flags.DEFINE_integer("num_random_directions", None,
                          "Random control directions. Default: preset.")
@@ -91,6 +100,9 @@ def define_flags() -> None:
                          "Bootstrap resamples for the N-fits. Default: preset.")
     flags.DEFINE_float("confidence", 0.95, "Confidence level of the intervals.")
     flags.DEFINE_bool("progress", True, "Per-run progress lines on stderr.")
+    flags.DEFINE_bool("dry_run", False, "Validate the settings, list every arm's grid and its "
+                      "estimated cost (from the preset's measured run times), then exit: "
+                      "nothing is run or written.")
 
 
 RUNS_DIR, SWEEP_FILE = "runs", "sweep.jsonl"
@@ -106,7 +118,8 @@ class SweepError(ValueError):
 
 OVERRIDABLE = ("dataset", "model", "n_values", "seeds", "activations", "losses", "lr",
                "max_steps", "hold_steps", "width", "depth", "track_every", "track_k",
-               "lanczos_iters", "probe_every", "probe_s_max", "probe_points",
+               "lanczos_iters", "probe_every", "probe_s_max", "probe_s_max_steps",
+               "probe_s_max_theta", "probe_from_eos", "probe_points",
                "num_random_directions", "num_bootstrap", "chunk_size")
 
 
@@ -162,6 +175,9 @@ def validate_settings(s: dict) -> dict:
                          ("losses", losses.PER_EXAMPLE_LOSSES)):
         bad = [v for v in s[key] if v not in allowed]
         _check(not bad and s[key], key, ",".join(s[key]), f"choose from {sorted(allowed)}")
+    unknown = [d for d in s.get("per_dataset", {}) if d not in data_lib.DATASETS]
+    _check(not unknown, "preset", ",".join(unknown), "the preset gives arms for a dataset "
+           f"that does not exist; choose from {sorted(data_lib.DATASETS)}")
     for arm in (arm for dataset in s["dataset"] for arm in dataset_arms(s, dataset)):
         _check(arm["model"] in models.MODELS, "model", arm["model"],
                f"choose from {sorted(models.MODELS)}")
@@ -190,13 +206,16 @@ def _check(ok, flag, value, allowed):
 
 
 def grid(settings: dict) -> list[GridPoint]:
-    """Every grid point; N above a dataset's size is capped at that size (deduplicated)."""
+    """Every grid point; an N larger than its dataset can give is refused (SweepError)."""
     points = []
     for dataset in settings["dataset"]:
         available = data_lib.DATASETS[dataset].size["train"]
         for arm in dataset_arms(settings, dataset):
-            sizes = sorted({min(int(n), available) if available else int(n)
-                            for n in arm["n_values"]})
+            too_large = [int(n) for n in arm["n_values"] if available and int(n) > available]
+            _check(not too_large, "n_values", ",".join(map(str, arm["n_values"])),
+                   f"{dataset} has {available} training examples, so N ≤ {available} (arm "
+                   f"{scaling.arm_name(arm)!r} asks for {too_large}); lower --n_values")
+            sizes = sorted({int(n) for n in arm["n_values"]})
             for loss, activation, n, seed in itertools.product(
                     arm["losses"], arm["activations"], sizes, settings["seeds"]):
                 name = scaling.arm_name(arm)
@@ -221,9 +240,56 @@ def run_config(point: GridPoint, settings: dict, workdir: Path) -> config_lib.Ru
         eos_window=settings["eos_window"], chunk_size=settings["chunk_size"],
         probe_every=settings["probe_every"],
         probe_s_max=settings["probe_s_max"], probe_points=settings["probe_points"],
+        probe_s_max_steps=settings["probe_s_max_steps"],
+        probe_from_eos=settings["probe_from_eos"],
+        probe_s_max_theta=settings["probe_s_max_theta"],
         num_random_directions=settings["num_random_directions"])
     config_lib.validate(cfg)
     return cfg
+
+
+def estimated_seconds(arm: dict, n: int) -> float | None:
+    """One run's wall time at size n, from the arm's `measured_seconds` ({N: seconds per
+    run}, measured on the machine the preset names): log–log interpolation between the
+    measured sizes, the end segments' slope outside them; None when unmeasured."""
+    measured = sorted((int(k), float(v)) for k, v in arm.get("measured_seconds", {}).items())
+    if not measured:
+        return None
+    if len(measured) == 1:
+        return measured[0][1] * n / measured[0][0]   # one point: cost ∝ N
+    logs = np.log([m[0] for m in measured]), np.log([m[1] for m in measured])
+    i = int(np.clip(np.searchsorted(logs[0], np.log(n)) - 1, 0, len(measured) - 2))
+    slope = (logs[1][i + 1] - logs[1][i]) / (logs[0][i + 1] - logs[0][i])
+    return float(np.exp(logs[1][i] + slope * (np.log(n) - logs[0][i])))
+
+
+def describe_grid(settings: dict, points: list[GridPoint]) -> str:
+    """The --dry_run listing: each arm's settings, runs and estimated minutes, and totals."""
+    lines, total, unmeasured = [], 0.0, 0
+    for dataset in settings["dataset"]:
+        for arm in dataset_arms(settings, dataset):
+            name = scaling.arm_name(arm)
+            runs = [p for p in points if p.dataset == dataset and p.arm_name == name]
+            costs = [estimated_seconds(arm, p.n) for p in runs]
+            known = sum(c for c in costs if c is not None)
+            unmeasured += sum(c is None for c in costs)
+            total += known
+            probe = (f"probe ±max({arm.get('probe_s_max_steps', 0):g} step lengths, "
+                     f"{arm.get('probe_s_max_theta', 0):g}·‖θ‖)"
+                     if arm.get("probe_s_max_steps") or arm.get("probe_s_max_theta")
+                     else f"probe ±{arm['probe_s_max']:g}")
+            lines.append(
+                f"{dataset}/{name}: {arm['model']} {arm['depth']}×{arm['width']}, η = "
+                f"{arm['lr']}, losses {','.join(arm['losses'])}, activations "
+                f"{','.join(arm['activations'])}, N = {sorted({p.n for p in runs})}, seeds "
+                f"{settings['seeds']}, hold {arm['hold_steps']}, cap {arm['max_steps']}, "
+                f"{probe}: {len(runs)} runs, ~{known / 60:.0f} min"
+                + (f" ({sum(c is None for c in costs)} runs unmeasured)"
+                   if None in costs else ""))
+    lines.append(f"total: {len(points)} runs, ~{total / 60:.0f} min estimated"
+                 + (f" plus {unmeasured} unmeasured runs" if unmeasured else "")
+                 + (f" ({settings['cost_note']})" if settings.get("cost_note") else ""))
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------
@@ -318,6 +384,9 @@ def main(argv):
     except (SweepError, config_lib.ConfigError, data_lib.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if FLAGS.dry_run:
+        print(describe_grid(settings, points))
+        return 0
     workdir.mkdir(parents=True, exist_ok=True)
     _enable_compilation_cache(workdir)
     start = time.time()

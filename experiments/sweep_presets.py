@@ -7,6 +7,7 @@ dicts, one per model), each with its own η, hold and step cap.
 
 # Defaults of every preset; a preset's `per_dataset` overrides them for one dataset's arm.
 SWEEP_DEFAULTS = dict(model="mlp", activations=["relu", "tanh"], losses=["mse"], chunk_size=4096,
+                      probe_s_max_steps=0.0, probe_s_max_theta=0.0, probe_from_eos=False,
                       per_dataset={})
 
 PRESETS = {
@@ -82,6 +83,38 @@ PRESETS = {
                                                      max_steps=1000, hold_steps=100,
                                                      track_every=20, lanczos_iters=8,
                                                      chunk_size=500)}),
+    # Two decades of N on 2 CPU cores (issue 25): MNIST-1D and the teacher (any N), N =
+    # 256 … 16384 (64×, 7 sizes), ReLU and tanh, 3 seeds; one arm per setting whose every run
+    # enters and holds the edge of stability, and η-scan arms for C2's η scaling. MLP 2×64
+    # throughout: small enough that N = 16384 costs ~1–2 min a run. Calibration, seed 0
+    # unless said, 2026-12-06/07, on the 2-core CPU shared with three developers (load 6–8:
+    # times are upper bounds); "entry" is the EoS entry step (lossland.eos):
+    # * MNIST-1D, η = 0.1: relu entry 550 / 2150 / 9450 / 12800 at N = 256 / 1024 / 4096 /
+    #   16384; tanh 900 / 4750 / 12800 and still at λ1·η/2 = 0.65 at step 10256 for N =
+    #   16384 — too slow. η = 0.2: relu 500 / 1900 / 3450 at N = 256 / 4096 / 16384 (λ1·η/2
+    #   1.9 at init, a catapult to 0.25–0.39, sharpening back); tanh 100 / 750 / 850 (1.36 at
+    #   init, down to 0.58–0.87: at N = 256 the catapult barely dips under 0.9).
+    # * teacher, η = 0.1: relu entry 15650 at N = 1024; tanh never (λ1·η/2 0.54 at step
+    #   20000). η = 0.2, N = 4096: relu 6800, tanh 5550.
+    "decade": dict(dataset=["mnist1d", "teacher"],
+                   n_values=[256, 512, 1024, 2048, 4096, 8192, 16384], seeds=[0, 1, 2],
+                   width=64, depth=2, lr=0.2, max_steps=12000, hold_steps=500, track_every=25,
+                   probe_every=100, probe_from_eos=True, track_k=1, lanczos_iters=12,
+                   probe_points=33, num_random_directions=1, probe_s_max=0.05,
+                   probe_s_max_steps=16.0, probe_s_max_theta=0.005, num_bootstrap=2000,
+                   chunk_size=4096,
+                   cost_note="per-run times measured on the shared 2-core CPU, load 6–8",
+                   per_dataset={
+                       "mnist1d": [
+                           dict(arm="mlp", lr=0.2,
+                                measured_seconds={256: 38, 4096: 36, 16384: 133}),
+                           dict(arm="mlp_lr0.1", lr=0.1, n_values=[1024], activations=["relu"],
+                                role="eta_scan", measured_seconds={1024: 24}),
+                           dict(arm="mlp_lr0.3", lr=0.3, n_values=[1024], activations=["relu"],
+                                role="eta_scan", measured_seconds={1024: 30})],
+                       "teacher": [
+                           dict(arm="mlp", lr=0.2, max_steps=20000,
+                                measured_seconds={4096: 71})]}),
     # Accelerators: N up to what each dataset allows (capped at its size), Fashion-MNIST with
     # an MLP and the CNN. Their η come from the CPU measurements above, at small N only (no
     # accelerator was lent to measure N = 60000): the MLP 4×32 at η = 0.11 is the smoke arm

@@ -139,6 +139,10 @@ def define_run_flags(**default_overrides) -> None:
     flags.DEFINE_integer("probe_every", d.probe_every, "Line probes (v1, gradient, last step, "
                          "random) every this many steps and at the end (0 = off); a multiple of "
                          "--track_every.", lower_bound=0)
+    flags.DEFINE_boolean("probe_from_eos", d.probe_from_eos, "Probe at step 0, then every "
+                         "--probe_every steps only once the run has entered the edge of "
+                         "stability (lossland.eos), and at the end: the late probes C2 reads, "
+                         "without paying for probes on the way there.")
     flags.DEFINE_float("probe_s_max", d.probe_s_max, "Probe the line θ + s·u for |s| ≤ this "
                        "(unless --probe_s_max_steps or --probe_s_max_theta is set).")
     flags.DEFINE_float("probe_s_max_steps", d.probe_s_max_steps, "Tie the probe half-range to "

@@ -87,6 +87,7 @@ class RunConfig:
     eos_window: int = 5          # tracked steps in that median
     # singularity probes (claims C1, C2)
     probe_every: int = 0         # 0 = off; a multiple of track_every
+    probe_from_eos: bool = False  # probe at step 0, then only from the EoS entry on
     probe_s_max: float = 0.05
     # Half-range tied to the iterate: max(steps·η‖∇L‖, theta·‖θ‖); 0 and 0 = probe_s_max.
     probe_s_max_steps: float = 0.0
@@ -191,6 +192,8 @@ def validate(cfg: RunConfig) -> None:
         _require(cfg.track_every > 0 and cfg.probe_every % cfg.track_every == 0, "probe_every",
                  cfg.probe_every, f"probes use the tracked top eigenvector, so --probe_every must "
                  f"be a multiple of --track_every={cfg.track_every} (> 0)")
+    _require(not cfg.probe_from_eos or cfg.probe_every, "probe_from_eos", cfg.probe_from_eos,
+             "it limits the --probe_every probes, which are off", "Set --probe_every > 0.")
     _require(cfg.probe_s_max > 0, "probe_s_max", cfg.probe_s_max, "must be > 0")
     for name in ("probe_s_max_steps", "probe_s_max_theta"):
         value = getattr(cfg, name)

@@ -198,7 +198,8 @@ class _Loop:
             self.density_writer.write({"step": step, **{name: np.asarray(value).tolist()
                                                         for name, value
                                                         in snapshot._asdict().items()}})
-        if self.prober is not None and step % cfg.probe_every == 0:
+        if self.prober is not None and step % cfg.probe_every == 0 and (
+                step == 0 or not cfg.probe_from_eos or self.eos_monitor.entry_step is not None):
             row.update(self.prober(state.params, data, vectors[0], state.displacement,
                                    jax.random.fold_in(key, 1), state.init_v1))
         row["track_time"] = time.time() - start

@@ -302,6 +302,12 @@ def c2_group_verdict(entry: dict) -> str:
     return "inconclusive"
 
 
+def _finite_range(values) -> list:
+    """[min, max] of the finite values, [None, None] when there are none."""
+    finite = [v for v in map(finite_or_nan, values) if math.isfinite(v)]
+    return [min(finite), max(finite)] if finite else [None, None]
+
+
 def _fits(runs: list[dict], settings: dict) -> dict:
     """Each quantity against N over `runs` (one value per N and seed)."""
     sizes = sorted({r["n"] for r in runs})
@@ -358,6 +364,7 @@ def summarize_group(members: list[dict], settings: dict) -> dict:
                              ("alignment_oscillating_random", "alignment_oscillating_random"),
                              ("alignment_oscillating_v1init", "alignment_oscillating_v1init"))},
         "runs_oscillating": sum(bool(r.get("oscillating_count_late")) for r in at_eos),
+        "late_steps_range": _finite_range(r.get("valley_distance_steps_late") for r in at_eos),
         "init_median": nanmedian([finite_or_nan(r.get("valley_distance_init")) for r in at_eos]),
         "chi_1_late_median": nanmedian([finite_or_nan(r.get("chi_1_late")) for r in at_eos]),
         "late_edge_fraction": nanmean(r.get("valley_late_edge_fraction") for r in at_eos),

@@ -146,7 +146,8 @@ C1_READING_TEXT = {
 
 
 def _group_title(group: dict) -> str:
-    return " / ".join(str(group.get(k)) for k in ("dataset", "model", "loss", "activation")
+    named = {**group, "model": group.get("arm") or group.get("model")}
+    return " / ".join(str(named.get(k)) for k in ("dataset", "model", "loss", "activation")
                       if k in group)
 
 
@@ -368,3 +369,57 @@ def sweep_verdict(summary: dict, *, title: Optional[str] = None) -> str:
     parts += [c1_verdict(summary), c2_verdict(summary), "## All fitted quantities", "",
               quantity_table(summary), ""]
     return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------
+# Verdicts at a glance (REPORT.md opens with them)
+# ----------------------------------------------------------------------------
+
+GLANCE_HEADER = ["claim", "group", "verdict", "deciding number", "runs at EoS / total"]
+
+
+def _c1_number(group: dict, confidence: float) -> str:
+    fit = group.get("quantities", {}).get("probe_max_grad_norm")
+    if not fit:
+        return "no fit"
+    half = (fit["ci_high"] - fit["ci_low"]) / 2 if _finite(fit.get("ci_low")) and \
+        _finite(fit.get("ci_high")) else float("nan")
+    return (f"max ‖∇L‖ along probes ∝ N^{fmt(fit.get('slope'))} "
+            f"{fmt_interval(fit.get('ci_low'), fit.get('ci_high'))} ({100 * confidence:.0f}%, "
+            f"half-width {fmt(half)}), N = {fit.get('all_n', [None])[0]}–"
+            f"{fit.get('all_n', [None])[-1]}")
+
+
+def _c2_number(group: dict) -> str:
+    c2 = group.get("c2", {})
+    low, high = (c2.get("late_steps_range") or [None, None])
+    controls = [_number(c2.get("late_random_median")), _number(c2.get("late_v1init_median"))]
+    nearest = min(controls) if all(_finite(c) for c in controls) else float("nan")
+    late = _number(c2.get("late_median"))
+    ratio = late / nearest if _finite(late) and _finite(nearest) and nearest > 0 else None
+    aligned = (c2.get("checks") or {}).get("aligned_while_oscillating")
+    return (f"late |s*| = {fmt(_number(c2.get('late_steps_median')))} step lengths "
+            f"[{fmt(low)}, {fmt(high)}] over runs; v1/nearest control {fmt(ratio)}; "
+            f"oscillating {c2.get('runs_oscillating', 'n/a')} runs, aligned {aligned}")
+
+
+def glance_rows(summary: dict, *, label: str = "") -> list[list]:
+    """C1 and C2 rows of the verdicts-at-a-glance table from one sweep's summary.json; an
+    arm that scans η at one N (role "eta_scan") has its own row, the η-scaling fit."""
+    conf = summary.get("confidence", 0.95)
+    rows = []
+    for group in _groups(summary):
+        if group.get("role", "n_sweep") != "n_sweep":
+            continue
+        title = _group_title(group) + (f" ({label})" if label else "")
+        count = f"{group.get('runs_at_eos', 0)} / {group.get('runs_total', 0)}"
+        rows.append(["C1", title, group.get("verdict", "n/a"), _c1_number(group, conf), count])
+        rows.append(["C2", title, group.get("c2_verdict", "n/a"), _c2_number(group), count])
+    for scan in summary.get("eta_scaling") or []:
+        fit = scan.get("fit") or {}
+        rows.append(["C2 (η)", f"{scan['setting']}, N = {scan['n']}", "measured",
+                     f"late |s*| ∝ η^{fmt(fit.get('slope'))} "
+                     f"{fmt_interval(fit.get('ci_low'), fit.get('ci_high'))}, η ∈ {scan['lrs']}",
+                     f"{scan.get('runs')} at EoS"])
+    return rows
+

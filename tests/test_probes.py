@@ -222,3 +222,25 @@ def test_probe_range_tied_to_the_iterate(x64):
                                       jax.random.key(0))
     assert fixed["probe_s_max"] == pytest.approx(0.05)
     assert fixed["disp_v1_alignment"] is None   # no displacement at the first step
+
+
+def test_probes_from_the_edge_of_stability_on(tmp_path):
+    """--probe_from_eos: probes at step 0, then only at steps ≥ the EoS entry, and at the end;
+    the tied range reaches 16 step lengths in every probe."""
+    from lossland import config as config_lib, runner
+
+    # λ1·η/2: 1.94 at step 0, 0.66 at step 5, then sharpening through 0.72 near step 40.
+    cfg = config_lib.RunConfig(dataset="mnist1d", n_train=64, width=16, depth=1, lr=0.35,
+                               steps=60, eos_threshold=0.72, track_every=5, track_k=1,
+                               lanczos_iters=8,
+                               probe_every=5, probe_from_eos=True, probe_points=9,
+                               probe_s_max_steps=16, num_random_directions=1, log_every=5,
+                               plots=False, checkpoint_every=0, workdir=str(tmp_path / "run"))
+    assert runner.run(cfg, progress=False).status == "finished"
+    rows = records.read_metrics(tmp_path / "run")
+    entry = rows[-1]["eos_entry_step"]
+    assert entry is not None and 5 < entry < 55
+    probed = [r["step"] for r in rows if "valley_distance" in r and "status" not in r]
+    assert probed == [0, *range(entry, 60, 5)]
+    assert "valley_distance" in rows[-1]   # and at the end
+    assert all(r["probe_s_max_steps"] >= 16 * (1 - 1e-6) for r in rows if "probe_s_max" in r)

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import run_module
 from experiments import report
-from lossland import records
+from lossland import records, verdicts
 
 
 pytestmark = pytest.mark.slow
@@ -68,3 +68,28 @@ def test_rerun_skips_complete_experiments(smoke_report):
                         timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stderr.count("complete, skipped") == 5
+
+
+def test_report_opens_with_the_verdicts_at_a_glance(smoke_report):
+    """The table comes first and is generated from the summaries: each sweep group's C1 and
+    C2 verdict and its runs at the edge of stability, each C3 η, and C4."""
+    root, text, _ = smoke_report
+    glance = text.index("## Verdicts at a glance")
+    assert glance < text.index("## Environment") < text.index("## C1 Formation")
+    table = text[glance:text.index("## Environment")]
+    rows = [[c.strip() for c in line.strip("|").split(" | ")]
+            for line in table.splitlines() if line.startswith("| C")]
+    summary = json.loads((root / "sweep_n" / "summary.json").read_text())
+    for group in summary["groups"]:
+        title = verdicts._group_title(group)
+        count = f"{group['runs_at_eos']} / {group['runs_total']}"
+        assert ["C1", title, group["verdict"]] == next(r[:3] for r in rows
+                                                       if r[:2] == ["C1", title])
+        assert ["C2", title, group["c2_verdict"]] == next(r[:3] for r in rows
+                                                          if r[:2] == ["C2", title])
+        assert all(r[4] == count for r in rows if r[1] == title)
+    eos = json.loads((root / "eos" / "summary.json").read_text())
+    assert sum(r[0] == "C3" for r in rows) == len(eos["runs"])
+    experiment = json.loads((root / "subspace" / "experiment.json").read_text())
+    verdict = experiment["criteria"][0]["verdict"]
+    assert any(r[0] == "C4" and r[2] == verdict for r in rows)

@@ -363,3 +363,32 @@ def test_eta_scaling_of_the_late_valley_distance():
     assert scaling.eta_scaling([r for r in rows if r["lr"] != 0.2], SETTINGS) == []
     summary = {"lr": 0.1, "eta_scaling": scans, "groups": []}
     assert re.search(r"goes as η\^(0\.99|1\.0)", verdicts.c2_verdict(summary))
+
+
+@pytest.mark.parametrize("arm,expect", [
+    ({"model": "transformer"}, "--model='transformer'"),
+    ({"activations": ["swish"]}, "--activations='swish'"),
+    ({"losses": ["hinge"]}, "--losses='hinge'"),
+])
+def test_a_preset_arm_naming_what_does_not_exist_is_refused(arm, expect):
+    settings = {**sweep_n.PRESETS["smoke"], "dataset": ["mnist1d"], "confidence": 0.95,
+                "per_dataset": {"mnist1d": [{}, {"arm": "bad", **arm}]}}
+    with pytest.raises(sweep_n.SweepError, match=re.escape(expect)):
+        sweep_n.validate_settings(settings)
+    with pytest.raises(sweep_n.SweepError, match="imagenet"):
+        sweep_n.validate_settings({**settings, "per_dataset": {"imagenet": {}}})
+
+
+def test_dry_run_lists_every_arm_and_its_estimated_cost():
+    settings = sweep_n.validate_settings({**sweep_n.PRESETS["decade"], "confidence": 0.95})
+    points = sweep_n.grid(settings)
+    text = sweep_n.describe_grid(settings, points)
+    arms = [(d, scaling.arm_name(a)) for d in settings["dataset"]
+            for a in sweep_n.dataset_arms(settings, d)]
+    assert all(f"{d}/{name}:" in text for d, name in arms)
+    assert f"total: {len(points)} runs" in text and "min estimated" in text
+    # Interpolation of the measured cost: exact at a measured size, monotone between.
+    arm = {"measured_seconds": {256: 10.0, 4096: 160.0}}
+    assert sweep_n.estimated_seconds(arm, 256) == pytest.approx(10.0)
+    assert sweep_n.estimated_seconds(arm, 1024) == pytest.approx(40.0)
+    assert sweep_n.estimated_seconds({}, 1024) is None
