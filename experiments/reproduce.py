@@ -57,6 +57,15 @@ PRESETS = {
                                              "--activations=relu"]),
         "subspace": ("experiments.subspace", ["--preset=quick"]),
     },
+    # Issue 25: two decades of N on 2 CPU cores (experiments/sweep_presets.py, "decade").
+    "decade": {
+        "eos": ("experiments.eos", ["--lrs=0.02,0.05,0.1", "--lr_steps_product=150"]),
+        "gn": ("experiments.train", ["--steps=2000", "--track_every=50", "--track_gn",
+                                     "--checkpoint_every=1000"]),
+        "sweep_n": ("experiments.sweep_n", ["--preset=decade", "--losses=mse"]),
+        "sweep_ce": ("experiments.sweep_n", ["--preset=decade_ce"]),
+        "subspace": ("experiments.subspace", ["--preset=quick"]),
+    },
     "full": {
         "eos": ("experiments.eos", ["--lrs=0.01,0.02,0.05,0.1", "--lr_steps_product=300"]),
         "gn": ("experiments.train", ["--steps=4000", "--track_every=20", "--track_gn"]),
@@ -72,7 +81,8 @@ COMPLETE = "COMPLETE.json"
 
 flags.DEFINE_string("workdir", "runs/reproduce", "Folder for every experiment and REPORT.md.")
 flags.DEFINE_enum("preset", "quick", list(PRESETS), "smoke (tests, ~minutes), quick (54 min "
-                  "on 2 CPU cores, 2026-12-06), full (accelerators).")
+                  "on 2 CPU cores, 2026-12-06), decade (two decades of N, ~2 h on 2 CPU "
+                  "cores), full (accelerators).")
 flags.DEFINE_boolean("overwrite", False, "Start every experiment afresh.")
 flags.DEFINE_list("only", [], f"Run only these experiments (of {EXPERIMENTS}); the report "
                   "still covers every experiment with records.")

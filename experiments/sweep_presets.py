@@ -96,6 +96,8 @@ PRESETS = {
     #   init, down to 0.58–0.87: at N = 256 the catapult barely dips under 0.9).
     # * teacher, η = 0.1: relu entry 15650 at N = 1024; tanh never (λ1·η/2 0.54 at step
     #   20000). η = 0.2, N = 4096: relu 6800, tanh 5550.
+    # * η scan, MNIST-1D ReLU, N = 1024: entry 9500 at η = 0.05, 2150 at 0.1, 550 at 0.3
+    #   (λ1·η/2 = 2.83 at init, a catapult to 0.30, no divergence).
     "decade": dict(dataset=["mnist1d", "teacher"],
                    n_values=[256, 512, 1024, 2048, 4096, 8192, 16384], seeds=[0, 1, 2],
                    width=64, depth=2, lr=0.2, max_steps=12000, hold_steps=500, track_every=25,
@@ -108,10 +110,14 @@ PRESETS = {
                        "mnist1d": [
                            dict(arm="mlp", lr=0.2,
                                 measured_seconds={256: 38, 4096: 36, 16384: 133}),
+                           # η scan at N = 1024 (ReLU), with the main arm's η = 0.2.
+                           dict(arm="mlp_lr0.05", lr=0.05, n_values=[1024],
+                                activations=["relu"], max_steps=16000, role="eta_scan",
+                                measured_seconds={1024: 56}),
                            dict(arm="mlp_lr0.1", lr=0.1, n_values=[1024], activations=["relu"],
                                 role="eta_scan", measured_seconds={1024: 24}),
                            dict(arm="mlp_lr0.3", lr=0.3, n_values=[1024], activations=["relu"],
-                                role="eta_scan", measured_seconds={1024: 30})],
+                                role="eta_scan", measured_seconds={1024: 40})],
                        "teacher": [
                            dict(arm="mlp", lr=0.2, max_steps=20000,
                                 measured_seconds={4096: 71})]}),
