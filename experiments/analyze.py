@@ -240,7 +240,8 @@ def main(argv):
     else:
         template = checkpoints.initial_state(exp.model.params,
                                              exp.optimizer.init(exp.model.params),
-                                             cfg.track_k if cfg.track_every else 1)
+                                             cfg.track_k if cfg.track_every else 1,
+                                             model_state=exp.model.state)
         params = checkpoints.CheckpointManager(f.run_dir).restore(template, step).params
     params = sharding.replicate(params, exp.mesh)
     result = analyze(exp.objective, params, k=f.k, num_iters=cfg.lanczos_iters,
