@@ -78,10 +78,55 @@ def _is_committed(path: Path) -> bool:
 
 def committed_steps(workdir: Path) -> list[int]:
     """The steps of the finalized checkpoints in workdir/checkpoints, ascending."""
-    directory = Path(workdir) / records.CHECKPOINT_DIR
+    return committed_steps_in(Path(workdir) / records.CHECKPOINT_DIR)
+
+
+def committed_steps_in(directory: Path) -> list[int]:
+    """The steps of the finalized checkpoints in a checkpoints folder itself, ascending."""
+    directory = Path(directory)
     if not directory.is_dir():
         return []
     return sorted(int(p.name) for p in directory.iterdir() if _is_committed(p))
+
+
+def is_committed_checkpoint(path: Path) -> bool:
+    """True for one finalized checkpoint's folder (`checkpoints/<step>` with its marker)."""
+    return _is_committed(Path(path))
+
+
+def read_params(directory: Path, step: int) -> dict:
+    """{leaf path: NumPy array} of the params in the checkpoint of `step` in `directory`
+    (a checkpoints folder), whatever the rest of the state (optimizer, tracker) holds.
+
+    Reads only the params subtree (orbax partial restore), at their saved dtype.
+    """
+    manager = ocp.CheckpointManager(Path(directory).resolve(),
+                                    item_handlers=ocp.PyTreeCheckpointHandler())
+    try:
+        abstract = {"params": params_metadata(manager, step)}
+        restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+            item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=True))
+    finally:
+        manager.close()
+    return restored["params"]
+
+
+def params_shapes(directory: Path, step: int):
+    """The params of the checkpoint of `step` as jax.ShapeDtypeStruct leaves (metadata only)."""
+    manager = ocp.CheckpointManager(Path(directory).resolve(),
+                                    item_handlers=ocp.PyTreeCheckpointHandler())
+    try:
+        return params_metadata(manager, step)
+    finally:
+        manager.close()
+
+
+def params_metadata(manager, step: int):
+    """The params subtree of a checkpoint's orbax metadata, as jax.ShapeDtypeStruct leaves."""
+    tree = manager.item_metadata(step)["params"]
+    return jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
+                                  dict(tree))
 
 
 def uncommitted_entries(workdir: Path) -> list[Path]:

@@ -50,6 +50,27 @@ def test_analyze_reproduces_the_runs_last_tracked_eigenvalues(tmp_path):
     assert abs(np.trapezoid(density, grid) - 1) < 1e-6
     assert (out / "density.png").is_file()
 
+    # --params with the driver's flags: the run directory (its newest checkpoint), and an
+    # .npz export of the same params. The same θ and solver: the same λ's, bitwise.
+    checkpoint_dir = run / records.CHECKPOINT_DIR
+    assert analyze_lib.params_source(str(run)) == (checkpoint_dir, 10)
+    assert analyze_lib.params_source(str(checkpoint_dir)) == (checkpoint_dir, 10)
+    assert analyze_lib.params_source(str(checkpoint_dir / "10")) == (checkpoint_dir, 10)
+    arrays = analyze_lib.params_arrays(str(run))
+    assert arrays["Dense_0/kernel"].dtype == np.float64 and len(arrays) == 4
+    np.savez(tmp_path / "theta.npz", **arrays)
+    solver = ("--k=3", "--lanczos_iters=80", f"--lanczos_tol={TOL}", "--num_probes=4",
+              "--slq_iters=8")
+    results = {}
+    for name, source in (("checkpoint", run), ("npz", tmp_path / "theta.npz")):
+        done = run_module("experiments.analyze", *RUN, f"--params={source}", *solver,
+                          f"--workdir={tmp_path / name}")
+        assert done.returncode == 0, done.stderr[-2000:]
+        results[name] = json.loads((tmp_path / name / analyze_lib.ANALYSIS_FILE).read_text())
+    assert results["checkpoint"]["step"] == 10 and results["npz"]["step"] is None
+    for key in ("eigenvalues", "residuals", "min_eigenvalue", "trace"):
+        assert results["checkpoint"][key] == results["npz"][key] == analysis[key], key
+
 
 def test_params_file_round_trip_and_the_leaf_that_differs(tmp_path):
     model = models.build_model("mlp", (20,), 10, width=16, depth=1, key=jax.random.key(0))
