@@ -239,10 +239,11 @@ def analyze(objective, params, *, k: int, num_iters: int, tol: float | None, key
     _progress(f"top-{k} eigenpairs of H (P={flat.size}, ≤ {num_iters} HVPs)", start)
     top = curvature.lanczos_top_k(matvec, v0, k, num_iters, tol=tol)
     _progress(f"λ1 = {float(top.eigenvalues[0]):.6g} after {int(top.num_matvecs)} HVPs", start)
-    # λ_min of H is −(largest eigenvalue of −H).
-    bottom = curvature.lanczos_top_k(lambda v: -matvec(v), jax.random.normal(
-        keys[1], flat.shape, flat.dtype), 1, num_iters, tol=tol)
-    min_eigenvalue = -float(bottom.eigenvalues[0])
+    # λ_min: the same Lanczos keeping the smallest Ritz pair (the Krylov space of H is
+    # that of −H, so this is the old −(top eigenvalue of −H) without the negated matvec).
+    bottom = curvature.lanczos_top_k(matvec, jax.random.normal(keys[1], flat.shape, flat.dtype),
+                                     1, num_iters, tol=tol, which="smallest")
+    min_eigenvalue = float(bottom.eigenvalues[0])
     _progress(f"λ_min = {min_eigenvalue:.6g} after {int(bottom.num_matvecs)} HVPs", start)
     trace = curvature.hutchinson_trace(matvec, flat, keys[2], num_probes)
     _progress(f"trace = {float(trace.estimate):.6g} ± {float(trace.std_error):.2g} "
