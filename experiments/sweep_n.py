@@ -91,6 +91,8 @@ def define_flags() -> None:
                          "Bootstrap resamples for the N-fits. Default: preset.")
     flags.DEFINE_float("confidence", 0.95, "Confidence level of the intervals.")
     flags.DEFINE_bool("progress", True, "Per-run progress lines on stderr.")
+    flags.DEFINE_bool("dry_run", False, "Check the settings, print one line per arm (its model "
+                      "settings, sizes and number of runs) and exit without running or writing.")
 
 
 RUNS_DIR, SWEEP_FILE = "runs", "sweep.jsonl"
@@ -139,15 +141,42 @@ def _without_keys(arms, keys, model):
     return [_without_keys(arm, keys, model) for arm in arms]
 
 
+def named_arms(settings: dict) -> dict:
+    """The settings with every arm keyed as `lossland.scaling` keys arms: by `model`.
+
+    A preset's arm may carry `arm`, a name of its own, so that one dataset can train one
+    model family twice with other settings (resnet with norm=none and with norm=batch).
+    That name becomes the arm's key (its `model` entry, and so its grid points' names,
+    groups and run directories) and the model family moves to `family`; arms without
+    `arm` are unchanged. Idempotent.
+    """
+    top_model = settings.get("model", SWEEP_DEFAULTS["model"])
+
+    def rename(arm: dict) -> dict:
+        if "arm" not in arm:
+            return arm
+        rest = {k: v for k, v in arm.items() if k != "arm"}
+        return {**rest, "model": arm["arm"], "family": arm.get("model", top_model)}
+
+    per_dataset = {d: rename(arms) if isinstance(arms, dict) else [rename(a) for a in arms]
+                   for d, arms in settings.get("per_dataset", {}).items()}
+    return {**settings, "per_dataset": per_dataset}
+
+
+def model_family(arm: dict) -> str:
+    """The registry model (mlp, cnn, resnet, vit) an arm trains; its `model` is its key."""
+    return arm.get("family", arm["model"])
+
+
 def dataset_arms(settings: dict, dataset: str) -> list[dict]:
     """The settings of each arm of one dataset: the sweep's, with that dataset's overrides
     (`per_dataset`, e.g. an MLP and a CNN on Fashion-MNIST) on top."""
-    return scaling.dataset_arms({**SWEEP_DEFAULTS, **settings}, dataset)
+    return scaling.dataset_arms(named_arms({**SWEEP_DEFAULTS, **settings}), dataset)
 
 
 def validate_settings(s: dict) -> dict:
     """Checks a settings dict (preset + flags); raises SweepError naming the flag."""
-    s = {**SWEEP_DEFAULTS, **s}
+    s = named_arms({**SWEEP_DEFAULTS, **s})
     for key in ("n_values", "seeds"):
         try:
             s[key] = [int(v) for v in s[key]]
@@ -163,7 +192,7 @@ def validate_settings(s: dict) -> dict:
         bad = [v for v in s[key] if v not in allowed]
         _check(not bad and s[key], key, ",".join(s[key]), f"choose from {sorted(allowed)}")
     for arm in (arm for dataset in s["dataset"] for arm in dataset_arms(s, dataset)):
-        _check(arm["model"] in models.MODELS, "model", arm["model"],
+        _check(model_family(arm) in models.MODELS, "model", model_family(arm),
                f"choose from {sorted(models.MODELS)}")
         for key, allowed in (("activations", models.ACTIVATIONS),
                              ("losses", losses.PER_EXAMPLE_LOSSES)):
@@ -205,9 +234,15 @@ def grid(settings: dict) -> list[GridPoint]:
 
 def run_config(point: GridPoint, settings: dict, workdir: Path) -> config_lib.RunConfig:
     """The RunConfig of one grid point: its dataset's arm of the settings, validated."""
-    settings = scaling.arm_settings({**SWEEP_DEFAULTS, **settings}, point.dataset, point.model)
+    settings = scaling.arm_settings(named_arms({**SWEEP_DEFAULTS, **settings}), point.dataset,
+                                    point.model)
+    if settings.get("norm") == "batch" and point.n % min(settings["chunk_size"], point.n):
+        raise SweepError(f"--chunk_size={settings['chunk_size']} is not allowed for the "
+                         f"{point.dataset} arm {point.model} (norm=batch) at N = {point.n}: its "
+                         "ghost batches are part of the loss, so the chunk must divide every N.")
     cfg = config_lib.RunConfig(
-        dataset=point.dataset, data_dir=settings["data_dir"], n_train=point.n, model=point.model,
+        dataset=point.dataset, data_dir=settings["data_dir"], n_train=point.n,
+        model=model_family(settings),
         width=settings["width"], depth=settings["depth"], activation=point.activation,
         norm=settings.get("norm", "none"), patch_size=settings.get("patch_size", 4),
         loss=point.loss, optimizer="gd", lr=settings["lr"], steps=settings["max_steps"],
@@ -221,6 +256,22 @@ def run_config(point: GridPoint, settings: dict, workdir: Path) -> config_lib.Ru
         num_random_directions=settings["num_random_directions"])
     config_lib.validate(cfg)
     return cfg
+
+
+def plan_lines(points: list[GridPoint], configs: list) -> list[str]:
+    """--dry_run's listing: one line per arm and loss/activation group, in grid order."""
+    groups: dict[str, list] = {}
+    for point, cfg in zip(points, configs):
+        groups.setdefault(point.group, []).append((point, cfg))
+    lines = []
+    for group, members in groups.items():
+        cfg = members[0][1]
+        sizes = sorted({p.n for p, _ in members})
+        seeds = sorted({p.seed for p, _ in members})
+        lines.append(f"{group}: --model={cfg.model} --norm={cfg.norm} --width={cfg.width} "
+                     f"--depth={cfg.depth} --lr={cfg.lr} --chunk_size={cfg.chunk_size} "
+                     f"--steps={cfg.steps}; N = {sizes}, seeds {seeds}: {len(members)} runs")
+    return lines
 
 
 # ----------------------------------------------------------------------------
@@ -315,6 +366,10 @@ def main(argv):
     except (SweepError, config_lib.ConfigError, data_lib.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if FLAGS.dry_run:
+        print("\n".join(plan_lines(points, configs)))
+        print(f"{len(points)} runs; --dry_run: nothing run or written.", file=sys.stderr)
+        return 0
     workdir.mkdir(parents=True, exist_ok=True)
     _enable_compilation_cache(workdir)
     start = time.time()

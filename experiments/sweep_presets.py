@@ -2,7 +2,9 @@
 
 `experiments.sweep_n` reads them; a preset's `per_dataset` overrides the sweep's
 settings for one dataset (a dict: one arm) or gives it several arms (a list of
-dicts, one per model), each with its own η, hold and step cap.
+dicts), each with its own η, hold and step cap. Arms are told apart by their model;
+two arms of one model (e.g. resnet with norm=none and norm=batch) give the second an
+`arm` name of its own (`sweep_n.named_arms`), which names its runs and groups.
 """
 
 # Defaults of every preset; a preset's `per_dataset` overrides them for one dataset's arm.
@@ -111,9 +113,10 @@ PRESETS = {
     #     --model=vit --depth=2 --width=32 --patch_size=4 --lr=0.06, or
     #     --model=resnet --depth=8 --width=8 --norm=none --lr=0.15, or
     #     --model=resnet --depth=8 --width=8 --norm=batch --chunk_size=500 --lr=0.14.
-    #   The full preset's arms are keyed by model, so it carries resnet with norm=none (a
-    #   norm=batch arm would also need a --chunk_size dividing every N: its ghost batches
-    #   are part of the loss). Larger N sharpens more slowly (the MLP above), hence the caps.
+    #   The norm=batch arm is named resnet_bn (arms of one model need names of their own);
+    #   its chunks of 500 divide every N of the grid (its ghost batches are part of the loss,
+    #   sweep_n refuses a chunk that does not divide N). Larger N sharpens more slowly (the
+    #   MLP above), hence the caps.
     "full": dict(dataset=["mnist1d", "fashion_mnist"],
                  n_values=[500, 1000, 2000, 4000, 8000, 16000, 32000, 60000],
                  seeds=[0, 1, 2, 3, 4], width=256, depth=2, lr=0.05, max_steps=20000,
@@ -123,6 +126,8 @@ PRESETS = {
                      dict(model="mlp"),
                      dict(model="resnet", width=8, depth=8, norm="none", lr=0.15,
                           activations=["relu"]),
+                     dict(arm="resnet_bn", model="resnet", width=8, depth=8, norm="batch",
+                          chunk_size=500, lr=0.14, activations=["relu"]),
                      dict(model="vit", width=32, depth=2, patch_size=4, lr=0.06,
                           activations=["gelu"])],
                               "fashion_mnist": [
