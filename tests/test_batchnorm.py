@@ -312,6 +312,24 @@ def test_driver_checkpoints_running_statistics_and_resumes_exactly(tmp_path):
                            exp.model.state["batch_stats"]["bn"]["mean"])
 
 
+@pytest.mark.slow   # two tracked driver runs (the stream's cold start compiles): ~35 s loaded
+def test_stream_tracker_run_carries_the_same_running_statistics(tmp_path):
+    """--tracker=stream's fused step has no model state: a pass of its own updates it, from
+    the same chunks, so its checkpoint holds what the plain step's run holds."""
+    from lossland import config as config_lib, experiment, runner
+    tracked = dict(BN_RUN, steps=3, track_every=1, track_k=1, lanczos_iters=8)
+    stream = config_lib.RunConfig(**tracked, tracker="stream", workdir=str(tmp_path / "stream"))
+    plain = stream.replace(tracker="lanczos", workdir=str(tmp_path / "plain"))
+    for cfg in (stream, plain):
+        assert runner.run(cfg, progress=False).status == "finished"
+    exp = experiment.build_experiment(plain)
+    got, expected = (_saved_model_state(exp, cfg.workdir, 3) for cfg in (stream, plain))
+    for a, b in zip(*map(jax.tree_util.tree_leaves, (got, expected))):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+    assert not np.allclose(got["batch_stats"]["bn"]["var"],
+                           exp.model.state["batch_stats"]["bn"]["var"])
+
+
 def test_a_checkpoint_from_before_model_state_still_restores(tmp_path):
     """Checkpoints of stateless runs saved before TrainState had model_state resume."""
     import orbax.checkpoint as ocp
