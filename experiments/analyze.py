@@ -9,13 +9,17 @@ exactly as the driver trains it (BatchNorm: training mode, ghost batches).
     python -m experiments.analyze --run_dir=runs/demo --workdir=runs/demo_analysis
     python -m experiments.analyze --run_dir=runs/demo --step=1000 --k=20 --workdir=...
     python -m experiments.analyze --params=theta.npz --model=mlp --width=256 --workdir=...
+    python -m experiments.analyze --params=runs/demo --model=mlp --width=256 --workdir=...
 
 With --run_dir the model and data settings come from RUN/config.json (the
 flags of this command then set only the solver: --k, --lanczos_iters,
 --lanczos_tol, --num_probes, --slq_iters, --seed_probes). With --params the
-driver's model and data flags describe the model; the file is an .npz with one
-array per params leaf, named by its path ("Dense_0/kernel"), as
-`save_params_npz` writes it.
+driver's model and data flags describe the model; the params are an .npz with
+one array per params leaf, named by its path ("Dense_0/kernel"), as
+`save_params_npz` writes it, or a driver checkpoint (orbax): a run directory or
+its checkpoints/ folder (the newest committed checkpoint) or one checkpoint's
+folder. Only the params are read from a checkpoint (not the optimizer state),
+so the optimizer flags need not match the run's.
 
 Writes into --workdir: analysis.json (keys step, eigenvalues, residuals,
 min_eigenvalue, min_residual, trace, trace_stderr, density, settings) and
@@ -43,8 +47,10 @@ flags.DEFINE_string("run_dir", None, "A driver run: analyze its last checkpoint 
                     "model and data settings from its config.json.")
 flags.DEFINE_integer("step", None, "With --run_dir: the checkpoint step (default: the last).",
                      lower_bound=0)
-flags.DEFINE_string("params", None, "An .npz of params (one array per leaf, named by its "
-                    "path, e.g. Dense_0/kernel) for the model the driver's flags describe.")
+flags.DEFINE_string("params", None, "Params for the model the driver's flags describe: an "
+                    ".npz (one array per leaf, named by its path, e.g. Dense_0/kernel), or a "
+                    "driver checkpoint: a run directory or its checkpoints/ folder (the newest "
+                    "committed checkpoint) or one checkpoint's folder (RUN/checkpoints/<step>).")
 flags.DEFINE_integer("k", 10, "Top eigenpairs.", lower_bound=1)
 flags.DEFINE_integer("num_probes", 30, "Probes of the Hutchinson trace and of the SLQ density.",
                      lower_bound=2)
@@ -77,40 +83,92 @@ def save_params_npz(path, params) -> None:
     np.savez(path, **{name: np.asarray(leaf) for name, leaf in named_leaves(params).items()})
 
 
+def params_source(path: str) -> tuple[Path, int | None]:
+    """Where --params points: (an .npz file, None), or (a checkpoints folder, its step).
+
+    A folder is an orbax checkpoint of the driver: one checkpoint's folder
+    (`RUN/checkpoints/<step>`), a checkpoints folder, or a run directory; the
+    last two give their newest committed checkpoint. Anything else is refused.
+    """
+    where = Path(path)
+    if where.is_file() or not where.exists():
+        return where, None          # an .npz (check_params_file says what is wrong with it)
+    if checkpoints.is_committed_checkpoint(where):
+        return where.parent, int(where.name)
+    for folder in (where, where / records.CHECKPOINT_DIR):
+        steps = checkpoints.committed_steps_in(folder)
+        if steps:
+            return folder, steps[-1]
+    if (where / records.CHECKPOINT_DIR).is_dir() or (where / records.CONFIG_FILE).is_file():
+        raise AnalyzeError(f"--params={path} is a driver run directory that holds no "
+                           f"committed checkpoint (in {where / records.CHECKPOINT_DIR}); there "
+                           "is no θ to analyze. Run or resume it until it saves one.")
+    raise AnalyzeError(f"--params={path} is neither an .npz file nor an orbax checkpoint of "
+                       "the driver. Give a params .npz (save_params_npz), a run directory or "
+                       "its checkpoints/ folder (the newest committed checkpoint is used), or "
+                       "one checkpoint's folder (RUN/checkpoints/<step>).")
+
+
 def check_params_file(path: str, template) -> None:
-    """Refuses a params file that is missing, unreadable, or does not fit the model's leaves
-    (names and shapes, from `template`'s shapes), naming the first leaf that differs."""
+    """Refuses a params file or checkpoint that is missing, unreadable, or does not fit the
+    model's leaves (names and shapes, from `template`'s shapes), naming the first leaf that
+    differs."""
+    folder, step = params_source(path)
+    if step is not None:
+        shapes = {name: leaf.shape for name, leaf in
+                  named_leaves(checkpoints.params_shapes(folder, step)).items()}
+        return _check_leaf_shapes(f"--params={path} (checkpoint of step {step})", shapes,
+                                  template)
     if not Path(path).is_file():
-        raise AnalyzeError(f"--params={path}: no such file.")
+        raise AnalyzeError(f"--params={path}: no such file or directory.")
     try:
         with np.load(path) as f:
             shapes = {name: f[name].shape for name in f.files}
     except Exception as e:
         raise AnalyzeError(f"--params={path} is not a readable .npz ({type(e).__name__}: {e})."
                            ) from None
+    _check_leaf_shapes(f"--params={path}", shapes, template)
+
+
+def _check_leaf_shapes(what: str, shapes: dict, template) -> None:
     expected = {name: tuple(leaf.shape) for name, leaf in named_leaves(template).items()}
     for name, shape in expected.items():
         if name not in shapes:
-            raise AnalyzeError(f"--params={path} has no array for the model's leaf {name!r} "
+            raise AnalyzeError(f"{what} has no array for the model's leaf {name!r} "
                                f"(shape {shape}); it holds {sorted(shapes)[:8]}. Check the "
                                "model flags (--model, --width, --depth, ...).")
         if tuple(shapes[name]) != shape:
-            raise AnalyzeError(f"--params={path}: leaf {name!r} has shape "
+            raise AnalyzeError(f"{what}: leaf {name!r} has shape "
                                f"{tuple(shapes[name])}, the model's has shape {shape}. Check "
                                "the model flags (--model, --width, --depth, ...).")
     extra = sorted(set(shapes) - set(expected))
     if extra:
-        raise AnalyzeError(f"--params={path} holds arrays the model has no leaf for: "
+        raise AnalyzeError(f"{what} holds arrays the model has no leaf for: "
                            f"{extra[:8]}. Check the model flags.")
 
 
-def load_params_npz(path: str, template):
+def params_arrays(path: str) -> dict:
+    """{leaf name: NumPy array} of --params, an .npz or a driver checkpoint (params_source)."""
+    folder, step = params_source(path)
+    if step is not None:
+        return {name: np.asarray(leaf) for name, leaf in
+                named_leaves(checkpoints.read_params(folder, step)).items()}
     with np.load(path) as f:
-        arrays = {name: f[name] for name in f.files}
+        return {name: f[name] for name in f.files}
+
+
+def load_params(path: str, template):
+    """The params of --params (an .npz or a driver checkpoint) in template's tree and dtypes."""
+    arrays = params_arrays(path)
     names = list(named_leaves(template))
     leaves, treedef = jax.tree_util.tree_flatten(template)
     return jax.tree_util.tree_unflatten(treedef, [
         jnp.asarray(arrays[name], leaf.dtype) for name, leaf in zip(names, leaves)])
+
+
+def load_params_npz(path: str, template):
+    """`load_params` of an .npz (kept for callers of the .npz-only name)."""
+    return load_params(path, template)
 
 
 # ----------------------------------------------------------------------------
@@ -142,7 +200,7 @@ def run_dir_config(run_dir: str, step, overrides: dict) -> tuple[config_lib.RunC
 def settings_from_flags(f) -> tuple[config_lib.RunConfig, int | None]:
     if bool(f.run_dir) == bool(f.params):
         raise AnalyzeError("give exactly one of --run_dir=RUN (a driver run) and --params=FILE "
-                           f"(.npz); got --run_dir={f.run_dir!r}, --params={f.params!r}.")
+                           f"(.npz or a driver checkpoint); got --run_dir={f.run_dir!r}, --params={f.params!r}.")
     if f.step is not None and not f.run_dir:
         raise AnalyzeError(f"--step={f.step} is for --run_dir; a --params file is one θ.")
     record = {"workdir": f.workdir, "overwrite": f.overwrite, "resume": False, "plots": f.plots,
@@ -181,10 +239,11 @@ def analyze(objective, params, *, k: int, num_iters: int, tol: float | None, key
     _progress(f"top-{k} eigenpairs of H (P={flat.size}, ≤ {num_iters} HVPs)", start)
     top = curvature.lanczos_top_k(matvec, v0, k, num_iters, tol=tol)
     _progress(f"λ1 = {float(top.eigenvalues[0]):.6g} after {int(top.num_matvecs)} HVPs", start)
-    # λ_min of H is −(largest eigenvalue of −H).
-    bottom = curvature.lanczos_top_k(lambda v: -matvec(v), jax.random.normal(
-        keys[1], flat.shape, flat.dtype), 1, num_iters, tol=tol)
-    min_eigenvalue = -float(bottom.eigenvalues[0])
+    # λ_min: the same Lanczos keeping the smallest Ritz pair (the Krylov space of H is
+    # that of −H, so this is the old −(top eigenvalue of −H) without the negated matvec).
+    bottom = curvature.lanczos_top_k(matvec, jax.random.normal(keys[1], flat.shape, flat.dtype),
+                                     1, num_iters, tol=tol, which="smallest")
+    min_eigenvalue = float(bottom.eigenvalues[0])
     _progress(f"λ_min = {min_eigenvalue:.6g} after {int(bottom.num_matvecs)} HVPs", start)
     trace = curvature.hutchinson_trace(matvec, flat, keys[2], num_probes)
     _progress(f"trace = {float(trace.estimate):.6g} ± {float(trace.std_error):.2g} "
@@ -236,11 +295,13 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         return 2
     if f.params:
-        params = load_params_npz(f.params, exp.model.params)
+        params = load_params(f.params, exp.model.params)
+        step = params_source(f.params)[1]    # a checkpoint's step; None for an .npz
     else:
         template = checkpoints.initial_state(exp.model.params,
                                              exp.optimizer.init(exp.model.params),
-                                             cfg.track_k if cfg.track_every else 1)
+                                             cfg.track_k if cfg.track_every else 1,
+                                             model_state=exp.model.state)
         params = checkpoints.CheckpointManager(f.run_dir).restore(template, step).params
     params = sharding.replicate(params, exp.mesh)
     result = analyze(exp.objective, params, k=f.k, num_iters=cfg.lanczos_iters,

@@ -134,7 +134,7 @@ def _warmup(root: Path, base: config_lib.RunConfig, settings: dict):
         raise RuntimeError(f"the warm-up {result.status} at step {result.step}: {result.message}")
     manager = checkpoints.CheckpointManager(result.workdir)
     template = checkpoints.initial_state(exp.model.params, exp.optimizer.init(exp.model.params),
-                                         cfg.track_k)
+                                         cfg.track_k, model_state=exp.model.state)
     state = manager.restore_latest(template)
     manager.close()
     if state is None or int(state.step) != result.step:

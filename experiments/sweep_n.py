@@ -228,8 +228,14 @@ def run_config(point: GridPoint, settings: dict, workdir: Path) -> config_lib.Ru
     """The RunConfig of one grid point: its dataset's arm of the settings, validated."""
     settings = scaling.arm_settings({**SWEEP_DEFAULTS, **settings}, point.dataset,
                                     point.arm_name)
+    if settings.get("norm") == "batch" and point.n % min(settings["chunk_size"], point.n):
+        raise SweepError(f"--chunk_size={settings['chunk_size']} is not allowed for the "
+                         f"{point.dataset} arm {point.arm_name} (norm=batch) at N = {point.n}: "
+                         "its ghost batches are part of the loss, so the chunk must divide "
+                         "every N.")
     cfg = config_lib.RunConfig(
-        dataset=point.dataset, data_dir=settings["data_dir"], n_train=point.n, model=point.model,
+        dataset=point.dataset, data_dir=settings["data_dir"], n_train=point.n,
+        model=settings["model"],
         width=settings["width"], depth=settings["depth"], activation=point.activation,
         norm=settings.get("norm", "none"), patch_size=settings.get("patch_size", 4),
         loss=point.loss, optimizer="gd", lr=settings["lr"], steps=settings["max_steps"],
@@ -279,8 +285,9 @@ def describe_grid(settings: dict, points: list[GridPoint]) -> str:
                      if arm.get("probe_s_max_steps") or arm.get("probe_s_max_theta")
                      else f"probe ±{arm['probe_s_max']:g}")
             lines.append(
-                f"{dataset}/{name}: {arm['model']} {arm['depth']}×{arm['width']}, η = "
-                f"{arm['lr']}, losses {','.join(arm['losses'])}, activations "
+                f"{dataset}/{name}: {arm['model']} {arm['depth']}×{arm['width']}"
+                + (f" norm={arm['norm']}" if arm.get("norm", "none") != "none" else "")
+                + f", chunk {arm['chunk_size']}, η = {arm['lr']}, losses {','.join(arm['losses'])}, activations "
                 f"{','.join(arm['activations'])}, N = {sorted({p.n for p in runs})}, seeds "
                 f"{settings['seeds']}, hold {arm['hold_steps']}, cap {arm['max_steps']}, "
                 f"{probe}: {len(runs)} runs, ~{known / 60:.0f} min"

@@ -2,7 +2,9 @@
 
 `experiments.sweep_n` reads them; a preset's `per_dataset` overrides the sweep's
 settings for one dataset (a dict: one arm) or gives it several arms (a list of
-dicts, one per model), each with its own η, hold and step cap.
+dicts), each with its own η, hold and step cap. Arms are told apart by their model;
+two arms of one model (e.g. resnet with norm=none and norm=batch) give the second an
+`arm` name of its own (`lossland.scaling.arm_name`), which names its runs and groups.
 """
 
 # Defaults of every preset; a preset's `per_dataset` overrides them for one dataset's arm.
@@ -94,8 +96,14 @@ PRESETS = {
     #   16384 — too slow. η = 0.2: relu 500 / 1900 / 3450 at N = 256 / 4096 / 16384 (λ1·η/2
     #   1.9 at init, a catapult to 0.25–0.39, sharpening back); tanh 100 / 750 / 850 (1.36 at
     #   init, down to 0.58–0.87: at N = 256 the catapult barely dips under 0.9).
+    #   Seeds 1, 2 at N = 256, tanh: entry 100, minima 0.86 and 0.84. η = 0.3 is too much
+    #   for tanh: at N = 256 its catapult bottoms at 0.97, so it never enters (it sits at
+    #   λ1·η/2 = 1.00 from above while the loss goes to 1e-9).
     # * teacher, η = 0.1: relu entry 15650 at N = 1024; tanh never (λ1·η/2 0.54 at step
-    #   20000). η = 0.2, N = 4096: relu 6800, tanh 5550.
+    #   20000). η = 0.2, N = 4096: relu 6800, tanh 5550. Hence an arm per activation: relu
+    #   at η = 0.3 (entry 700 / 3550 at N = 256 / 4096; 2.5 at init, catapult to 0.34–0.37)
+    #   and tanh at η = 0.5 (entry 200 / 300 at N = 1024 / 4096; 1.2–1.3 at init, down to
+    #   0.76–0.78): the tanh teacher network's sharpness is ~4× lower.
     # * η scan, MNIST-1D ReLU, N = 1024: entry 9500 at η = 0.05, 2150 at 0.1, 550 at 0.3
     #   (λ1·η/2 = 2.83 at init, a catapult to 0.30, no divergence).
     "decade": dict(dataset=["mnist1d", "teacher"],
@@ -109,7 +117,7 @@ PRESETS = {
                    per_dataset={
                        "mnist1d": [
                            dict(arm="mlp", lr=0.2,
-                                measured_seconds={256: 38, 4096: 36, 16384: 133}),
+                                measured_seconds={256: 27, 4096: 34, 16384: 133}),
                            # η scan at N = 1024 (ReLU), with the main arm's η = 0.2.
                            dict(arm="mlp_lr0.05", lr=0.05, n_values=[1024],
                                 activations=["relu"], max_steps=16000, role="eta_scan",
@@ -119,8 +127,27 @@ PRESETS = {
                            dict(arm="mlp_lr0.3", lr=0.3, n_values=[1024], activations=["relu"],
                                 role="eta_scan", measured_seconds={1024: 40})],
                        "teacher": [
-                           dict(arm="mlp", lr=0.2, max_steps=20000,
-                                measured_seconds={4096: 71})]}),
+                           dict(arm="mlp_relu", lr=0.3, activations=["relu"],
+                                measured_seconds={256: 16, 4096: 48}),
+                           dict(arm="mlp_tanh", lr=0.5, activations=["tanh"],
+                                measured_seconds={1024: 20, 4096: 27})]}),
+    # The cross-entropy control of the decade sweep (issue 25), MNIST-1D ReLU, MLP 2×64,
+    # η = 0.2. Under cross-entropy λ1 rises to 2/η and then falls as the loss goes to 0, so
+    # the edge of stability is a window, and the hold must fit inside it. Measured (seed 0,
+    # no probes, load 6–8): N = 1024: λ1·η/2 0.25 at init, entry at step 150, inside
+    # [0.9, 1.1] until ~650 (loss 1.15 → 0.14), 0.55 by step 1000, 0.01 by 20000: a window
+    # of ~500 steps. N = 16384: entry 250, held 500 steps by step 950 (loss 0.83). Hold
+    # 150 steps (the trailing median spans 125), track every 25; the cap stops a run whose
+    # window closed before its hold was met (counted, not fitted).
+    "decade_ce": dict(dataset=["mnist1d"], losses=["cross_entropy"], activations=["relu"],
+                      n_values=[256, 512, 1024, 2048, 4096, 8192, 16384], seeds=[0, 1, 2],
+                      width=64, depth=2, lr=0.2, max_steps=3000, hold_steps=150,
+                      track_every=25, probe_every=100, probe_from_eos=True, track_k=1,
+                      lanczos_iters=12, probe_points=33, num_random_directions=1,
+                      probe_s_max=0.05, probe_s_max_steps=16.0, probe_s_max_theta=0.005,
+                      num_bootstrap=2000, chunk_size=4096,
+                      cost_note="per-run times measured on the shared 2-core CPU, load 6–8",
+                      per_dataset={"mnist1d": dict(measured_seconds={1024: 30, 16384: 58})}),
     # Accelerators: N up to what each dataset allows (capped at its size), Fashion-MNIST with
     # an MLP and the CNN. Their η come from the CPU measurements above, at small N only (no
     # accelerator was lent to measure N = 60000): the MLP 4×32 at η = 0.11 is the smoke arm
@@ -150,9 +177,10 @@ PRESETS = {
     #     --model=vit --depth=2 --width=32 --patch_size=4 --lr=0.06, or
     #     --model=resnet --depth=8 --width=8 --norm=none --lr=0.15, or
     #     --model=resnet --depth=8 --width=8 --norm=batch --chunk_size=500 --lr=0.14.
-    #   The full preset's arms are keyed by model, so it carries resnet with norm=none (a
-    #   norm=batch arm would also need a --chunk_size dividing every N: its ghost batches
-    #   are part of the loss). Larger N sharpens more slowly (the MLP above), hence the caps.
+    #   The norm=batch arm is named resnet_bn (arms of one model need names of their own);
+    #   its chunks of 500 divide every N of the grid (its ghost batches are part of the loss,
+    #   sweep_n refuses a chunk that does not divide N). Larger N sharpens more slowly (the
+    #   MLP above), hence the caps.
     "full": dict(dataset=["mnist1d", "fashion_mnist"],
                  n_values=[500, 1000, 2000, 4000, 8000, 16000, 32000, 60000],
                  seeds=[0, 1, 2, 3, 4], width=256, depth=2, lr=0.05, max_steps=20000,
@@ -162,6 +190,8 @@ PRESETS = {
                      dict(model="mlp"),
                      dict(model="resnet", width=8, depth=8, norm="none", lr=0.15,
                           activations=["relu"]),
+                     dict(arm="resnet_bn", model="resnet", width=8, depth=8, norm="batch",
+                          chunk_size=500, lr=0.14, activations=["relu"]),
                      dict(model="vit", width=32, depth=2, patch_size=4, lr=0.06,
                           activations=["gelu"])],
                               "fashion_mnist": [

@@ -2,7 +2,8 @@
 
 A checkpoint at step s holds θ_s, the optimizer state, the warm-start
 eigenvectors of the last tracked step before s, the stream tracker's block
-(pending for step s), and the elapsed wall time;
+(pending for step s), the model's running statistics after s steps (BatchNorm),
+and the elapsed wall time;
 everything `runner` needs to continue as if it had never stopped.
 
 Commit marker (orbax 0.12, the default atomic-rename mode): a save writes
@@ -47,10 +48,15 @@ class TrainState:
     cum_delta_bulk: Any  # float scalar: Σ ΔL_bulk over the tracked steps so far
     stream: Any          # curvature.StreamState of --tracker=stream, pending for `step`
                          # (phase −1 until started; a (q, 1, P) placeholder for other trackers)
+    model_state: Any     # the model's non-param variables after `step` steps (BatchNorm's
+                         # running statistics, `train.make_train_step`); {} for other models.
+                         # Last, so a stateless run's leaves are those of older checkpoints.
 
 
-def initial_state(params, opt_state, track_k: int, stream_block: int = 1) -> TrainState:
-    """The state at step 0; `stream_block` rows for the stream tracker's block."""
+def initial_state(params, opt_state, track_k: int, stream_block: int = 1,
+                  model_state=None) -> TrainState:
+    """The state at step 0; `stream_block` rows for the stream tracker's block; the model's
+    initial non-param variables (`Model.state`, {} when it has none)."""
     flat = ravel_pytree(params)[0]
     from lossland import streaming
     stream = streaming.placeholder_state(stream_block, flat.shape[0], flat.dtype)
@@ -58,7 +64,8 @@ def initial_state(params, opt_state, track_k: int, stream_block: int = 1) -> Tra
                       eigvecs=jnp.zeros((track_k, flat.shape[0]), flat.dtype),
                       has_eigvecs=False, last_lambda1=0.0, wall_time=0.0,
                       displacement=jnp.zeros_like(flat), init_v1=jnp.zeros_like(flat),
-                      cum_delta_top=0.0, cum_delta_bulk=0.0, stream=stream)
+                      cum_delta_top=0.0, cum_delta_bulk=0.0, stream=stream,
+                      model_state={} if model_state is None else model_state)
 
 
 TMP_DIR_MARK = ".orbax-checkpoint-tmp"   # orbax's atomicity_types.TMP_DIR_SUFFIX
@@ -71,10 +78,55 @@ def _is_committed(path: Path) -> bool:
 
 def committed_steps(workdir: Path) -> list[int]:
     """The steps of the finalized checkpoints in workdir/checkpoints, ascending."""
-    directory = Path(workdir) / records.CHECKPOINT_DIR
+    return committed_steps_in(Path(workdir) / records.CHECKPOINT_DIR)
+
+
+def committed_steps_in(directory: Path) -> list[int]:
+    """The steps of the finalized checkpoints in a checkpoints folder itself, ascending."""
+    directory = Path(directory)
     if not directory.is_dir():
         return []
     return sorted(int(p.name) for p in directory.iterdir() if _is_committed(p))
+
+
+def is_committed_checkpoint(path: Path) -> bool:
+    """True for one finalized checkpoint's folder (`checkpoints/<step>` with its marker)."""
+    return _is_committed(Path(path))
+
+
+def read_params(directory: Path, step: int) -> dict:
+    """{leaf path: NumPy array} of the params in the checkpoint of `step` in `directory`
+    (a checkpoints folder), whatever the rest of the state (optimizer, tracker) holds.
+
+    Reads only the params subtree (orbax partial restore), at their saved dtype.
+    """
+    manager = ocp.CheckpointManager(Path(directory).resolve(),
+                                    item_handlers=ocp.PyTreeCheckpointHandler())
+    try:
+        abstract = {"params": params_metadata(manager, step)}
+        restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+            item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=True))
+    finally:
+        manager.close()
+    return restored["params"]
+
+
+def params_shapes(directory: Path, step: int):
+    """The params of the checkpoint of `step` as jax.ShapeDtypeStruct leaves (metadata only)."""
+    manager = ocp.CheckpointManager(Path(directory).resolve(),
+                                    item_handlers=ocp.PyTreeCheckpointHandler())
+    try:
+        return params_metadata(manager, step)
+    finally:
+        manager.close()
+
+
+def params_metadata(manager, step: int):
+    """The params subtree of a checkpoint's orbax metadata, as jax.ShapeDtypeStruct leaves."""
+    tree = manager.item_metadata(step)["params"]
+    return jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
+                                  dict(tree))
 
 
 def uncommitted_entries(workdir: Path) -> list[Path]:
@@ -107,9 +159,12 @@ class CheckpointManager:
 
     def __init__(self, workdir: Path, max_to_keep: int = 2):
         self.directory = (Path(workdir) / records.CHECKPOINT_DIR).resolve()
+        # The handler named up front (what StandardSave picks anyway), so that a fresh
+        # manager can read a saved checkpoint's tree metadata (`restore`).
         self._manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                                                 create=True))
+                                                                 create=True),
+            item_handlers=ocp.StandardCheckpointHandler())
 
     def save(self, state: TrainState) -> None:
         step = int(state.step)
@@ -130,7 +185,15 @@ class CheckpointManager:
             return None
         saveable = _to_saveable(template)
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, saveable)
+        if not jax.tree_util.tree_leaves(template.model_state) and \
+                "model_state" not in self._manager.item_metadata(step):
+            # Saved before TrainState had model_state: a stateless model's checkpoint
+            # holds the same leaves, in the same order, without the empty field.
+            abstract = {name: getattr(abstract, name) for name in abstract.__dataclass_fields__
+                        if name != "model_state"}
         restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        if isinstance(restored, dict):   # back in field order (a dict flattens sorted)
+            restored = TrainState(**restored, model_state={})
         # Rebuild the exact pytree types of the template (optax NamedTuples, ...).
         leaves = jax.tree_util.tree_leaves(restored)
         treedef = jax.tree_util.tree_structure(template)

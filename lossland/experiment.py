@@ -33,7 +33,7 @@ class Experiment:
     model: models.Model
     objective: objective_lib.Objective
     optimizer: Any
-    train_step: Any
+    train_step: Any   # train.make_train_step's; it carries model_state when model.has_state
     dtype: Any
     mesh: Any
 
@@ -138,7 +138,8 @@ def build_experiment(cfg: config_lib.RunConfig) -> Experiment:
     objective = objective_lib.Objective(model.apply, losses.per_example_loss(cfg.loss), full_data)
     optimizer = train_lib.make_optimizer(cfg.optimizer, cfg.lr, momentum=cfg.momentum,
                                          extra=_make_projection(cfg))
-    train_step = train_lib.make_train_step(objective, optimizer)
+    # A BatchNorm model's step also returns its running statistics (model.update_state).
+    train_step = train_lib.make_train_step(objective, optimizer, update_state=model.update_state)
     return Experiment(cfg=cfg, x=x, y=y, model=model, objective=objective, optimizer=optimizer,
                       train_step=train_step, dtype=dtype, mesh=mesh)
 
@@ -165,4 +166,4 @@ def place_state(state, mesh):
     """
     return state.replace(**{name: sharding.replicate(getattr(state, name), mesh)
                             for name in ("params", "opt_state", "eigvecs", "displacement",
-                                         "init_v1", "stream")})
+                                         "init_v1", "stream", "model_state")})

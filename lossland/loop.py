@@ -12,6 +12,7 @@ it only appends rows to the records and saves checkpoints.
 
 from __future__ import annotations
 
+import functools
 import math
 import signal
 import sys
@@ -25,7 +26,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from lossland import checkpoints, config as config_lib, distributed, eos, lifecycle, records
-from lossland import sharding, streaming
+from lossland import objective as objective_lib, sharding, streaming
 from lossland import train as train_lib
 from lossland import tracking as tracking_lib
 from lossland import tracking_extras
@@ -76,6 +77,9 @@ class _Loop:
         self.stream = (streaming.StreamDriver(self.objective, exp.optimizer, cfg)
                        if cfg.track_every and cfg.tracker == "stream" else None)
         self.plain_step_seconds = None   # one untracked step, the stream's cost baseline
+        self.model_state_step = (jax.jit(functools.partial(objective_lib.full_batch_model_state,
+                                                           exp.model.update_state))
+                                 if self.stream is not None and exp.model.has_state else None)
         self.prober = _make_prober(self.objective, cfg) if cfg.probe_every else None
         self.density = (tracking_lib.make_density(self.objective, num_probes=DENSITY_PROBES,
                                                   num_iters=DENSITY_ITERS)
@@ -104,7 +108,7 @@ class _Loop:
             if step == cfg.steps:
                 return self.final_step(state, step)
             before = state
-            row, new_params, new_opt_state, state, diverged_at = self.train_step(state, step)
+            row, updated, state, diverged_at = self.train_step(state, step)
             if diverged_at is not None:
                 return self.diverged(state, row, diverged_at)
             if "eigenvalues" in row and self.hold_met():
@@ -113,10 +117,9 @@ class _Loop:
                 # leave the band the hold was just met in).
                 return self.final_step(state, step, tracked=self.last_tracked,
                                        checkpoint=before)
-            displacement = (ravel_pytree(new_params)[0] - ravel_pytree(state.params)[0]
+            displacement = (ravel_pytree(updated["params"])[0] - ravel_pytree(state.params)[0]
                             if self.prober is not None else state.displacement)
-            state = state.replace(step=step + 1, params=new_params, opt_state=new_opt_state,
-                                  displacement=displacement)
+            state = state.replace(step=step + 1, displacement=displacement, **updated)
             step += 1
             self.progress.update(step, row["loss"], _progress_extra(self.last_row))
 
@@ -126,7 +129,8 @@ class _Loop:
     def train_step(self, state, step):
         """The optimizer step at θ_step and its row, written when due.
 
-        Returns (row, new params, new optimizer state, state, diverged_at): the
+        Returns (row, updated, state, diverged_at): `updated` holds the new
+        params, optimizer state and model state (running statistics); the
         state carries the tracking bookkeeping of a tracked step; diverged_at
         is the first step whose loss or params are not finite, or None.
         """
@@ -137,9 +141,15 @@ class _Loop:
                 step, state.params, state.opt_state, batch, state.stream,
                 jax.random.fold_in(self.base_key, 3))
             state = state.replace(stream=stream)
+            # The fused step carries no model state: its running statistics in a pass of
+            # their own, from the same chunks (a side output; H is not affected).
+            new_model_state = (self.model_state_step(state.params, state.model_state, batch)
+                               if self.model_state_step is not None else state.model_state)
         else:
-            new_params, new_opt_state, metrics = self.exp.train_step(state.params,
-                                                                     state.opt_state, batch)
+            new_params, new_opt_state, metrics, new_model_state = self.optimizer_step(state,
+                                                                                      batch)
+        updated = {"params": new_params, "opt_state": new_opt_state,
+                   "model_state": new_model_state}
         row = {"step": step, **_scalars(metrics), "lr": cfg.lr}
         if self.sgd_batches is not None and _should_log(step, cfg):
             # Minibatch metrics are noisy: logged rows also hold the full-batch ones.
@@ -160,7 +170,22 @@ class _Loop:
             row["wall_time"] = time.time() - self.t0
             self.writer.write(row)
             self.last_row = row
-        return row, new_params, new_opt_state, state, diverged_at
+        return row, updated, state, diverged_at
+
+    def optimizer_step(self, state, batch):
+        """The plain (untracked) step at state: (params', opt_state', metrics, model_state').
+
+        A model with batch statistics (BatchNorm) updates them in the same step,
+        from the same ghost batches as the loss (`train.make_train_step`). They are
+        a side output, read only by evaluation: the loss GD minimizes, and the
+        Hessian every tracker measures, are the training-mode loss, in which each
+        chunk is normalized by its own statistics, so the running ones change
+        neither.
+        """
+        if not self.exp.model.has_state:
+            return (*self.exp.train_step(state.params, state.opt_state, batch),
+                    state.model_state)
+        return self.exp.train_step(state.params, state.opt_state, batch, state.model_state)
 
     def measure(self, state, step) -> tuple[dict, Any]:
         """Tracked (and probed) quantities at θ_step; returns the row part and the new state."""
@@ -220,8 +245,7 @@ class _Loop:
         _, row_arrays, vectors, seconds = self.stream.last
         row = _tracked_row(streaming.shortest_floats(jax.device_get(row_arrays)), self.cfg.lr)
         if self.plain_step_seconds is None:
-            self.plain_step_seconds = _median_seconds(self.exp.train_step, state.params,
-                                                      state.opt_state, self.data)
+            self.plain_step_seconds = _median_seconds(self.optimizer_step, state, self.data)
         row["tracker_time"] = max(seconds - self.plain_step_seconds, 0.0)
         every = self.cfg.stream_check_every
         if every and step % every == 0:

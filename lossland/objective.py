@@ -190,18 +190,55 @@ def full_batch_block_gnvp(apply_fn, per_example_loss, params, vectors, data: Chu
     return _scale(reduce_chunks(chunk_fn, data), 1.0 / data.n)
 
 
-def full_batch_model_state(update_state, params, state, data: ChunkedData):
+def _ghost_batch_share(update_state, params, model_state, x, mask, n):
+    """Chunk c's share of the step's new running statistics: (B_c / n) · update_state(θ, s, x_c).
+
+    Leaves keep their dtype (the weights are in the data's float dtype)."""
+    new = update_state(params, model_state, x)
+    weight = jnp.sum(mask) / n
+    return jax.tree_util.tree_map(lambda s: (s * weight).astype(s.dtype), new)
+
+
+def full_batch_model_state(update_state, params, model_state, data: ChunkedData):
     """A training step's side output for a model with batch statistics: the new running stats.
 
-    Each chunk is one ghost batch: `update_state(params, state, x_c)` moves the
+    Each chunk is one ghost batch: `update_state(params, s, x_c)` moves the
     running statistics towards chunk c's, m·s + (1 − m)·stat_c (BatchNorm's
-    momentum m). Their mean over chunks, weighted by real examples, is
-    m·s + (1 − m)·mean_c stat_c: one update per step, with the mean of the
-    ghost-batch statistics the step's loss used.
+    momentum m; for the variance Flax's biased batch variance). Their mean over
+    chunks, weighted by real examples (all chunks are whole for a BatchNorm
+    model, `experiment.check_whole_chunks`), is
+
+        s' = m·s + (1 − m)·(1/C) Σ_c stat_c,
+
+    one update per step with the mean of the ghost-batch statistics the
+    step's loss used (not C sequential updates, which would weigh the chunks
+    by m^(C−1−c) and depend on the chunk order). With one chunk it is exactly
+    Flax's train-mode update on the whole batch.
     """
     def chunk_fn(x, y, mask):
-        return _scale(update_state(params, state, x), jnp.sum(mask) / data.n)
+        return _ghost_batch_share(update_state, params, model_state, x, mask, data.n)
     return reduce_chunks(chunk_fn, data)
+
+
+def loss_accuracy_grad_model_state(apply_fn, per_example_loss, update_state, params,
+                                   model_state, data: ChunkedData):
+    """`loss_accuracy_grad` and `full_batch_model_state` in one pass over the chunks.
+
+    The training step of a model with batch statistics: both come from the
+    same ghost batches, in one scan body, so XLA can share the forward pass.
+    The running statistics do not enter the loss or the gradient: `apply_fn`
+    is the training-mode forward, which normalizes with each chunk's own
+    statistics.
+    """
+    def chunk_fn(x, y, mask):
+        value_and_grad = jax.value_and_grad(
+            lambda p: masked_loss_sum(apply_fn, per_example_loss, p, x, y, mask), has_aux=True)
+        (loss_sum, correct), grad_sum = value_and_grad(params)
+        share = _ghost_batch_share(update_state, params, model_state, x, mask, data.n)
+        return loss_sum, correct, grad_sum, share
+    loss_sum, correct, grad_sum, new_model_state = reduce_chunks(chunk_fn, data)
+    return (loss_sum / data.n, correct / data.n, _scale(grad_sum, 1.0 / data.n),
+            new_model_state)
 
 
 def full_batch_subset_hvp(apply_fn, per_example_loss, params, subset, v_sub, data: ChunkedData):

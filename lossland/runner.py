@@ -53,7 +53,8 @@ def run(cfg: config_lib.RunConfig, *, progress: bool = True,
     config_lib.validate_layers(cfg, exp.model.params)
     state = checkpoints.initial_state(exp.model.params, exp.optimizer.init(exp.model.params),
                                       cfg.track_k if cfg.track_every else 1,
-                                      stream_block=streaming.block_rows(cfg))
+                                      stream_block=streaming.block_rows(cfg),
+                                      model_state=exp.model.state)
     # Every process has checked the workdir before the first one changes it.
     distributed.barrier("lossland:workdir-checked")
     if resuming:

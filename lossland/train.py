@@ -58,7 +58,8 @@ class StepMetrics(NamedTuple):
 
 
 def make_train_step(objective: objective_lib.Objective,
-                    optimizer: optax.GradientTransformation) -> Callable:
+                    optimizer: optax.GradientTransformation,
+                    update_state: Callable | None = None) -> Callable:
     """A jitted pure step `(params, opt_state, batch) -> (params, opt_state, metrics)`.
 
     When `opt_state` holds Dom/Bulk projection states (`lossland.projections`),
@@ -66,10 +67,20 @@ def make_train_step(objective: objective_lib.Objective,
     `params` on `batch` (the full batch for GD, the minibatch otherwise). The
     check is static (the state's structure), so a step without projections
     compiles no HVP.
+
+    A model with batch statistics passes its `update_state` (`Model.update_state`);
+    the step then also carries the model state (the running statistics):
+
+        (params, opt_state, batch, model_state) -> (params, opt_state, metrics, model_state)
+
+    The new running statistics come from the same ghost batches (chunks of
+    `batch`) as the loss, in the same pass (`objective.loss_accuracy_grad_model_state`):
+    one update per step with the mean of the chunks' statistics. They are a side
+    output only: the loss, its gradient and every curvature product are those of
+    the training-mode loss, which normalizes with each chunk's own statistics.
     """
 
-    def step(params, opt_state, batch: objective_lib.ChunkedData):
-        loss, accuracy, grad = objective.loss_accuracy_grad_fn(params, batch)
+    def apply_gradient(params, opt_state, batch, loss, accuracy, grad):
         if projections.find_projection_states(opt_state):
             opt_state = projections.refresh_projections(
                 opt_state, objective_lib.flat_matvec(objective.hvp_fn, params, batch))
@@ -82,7 +93,17 @@ def make_train_step(objective: objective_lib.Objective,
                                   for leaf in jax.tree_util.tree_leaves(new_params)])))
         return new_params, opt_state, metrics
 
-    return jax.jit(step)
+    def step(params, opt_state, batch: objective_lib.ChunkedData):
+        loss, accuracy, grad = objective.loss_accuracy_grad_fn(params, batch)
+        return apply_gradient(params, opt_state, batch, loss, accuracy, grad)
+
+    def stateful_step(params, opt_state, batch: objective_lib.ChunkedData, model_state):
+        loss, accuracy, grad, model_state = objective_lib.loss_accuracy_grad_model_state(
+            objective.apply_fn, objective.per_example_loss, update_state, params, model_state,
+            batch)
+        return (*apply_gradient(params, opt_state, batch, loss, accuracy, grad), model_state)
+
+    return jax.jit(step if update_state is None else stateful_step)
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:

@@ -10,12 +10,15 @@ bounds the distance to an eigenvalue by r).
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import run_module
 from experiments import analyze as analyze_lib
-from lossland import models, records
+from jax.flatten_util import ravel_pytree
+
+from lossland import data as data_lib, losses, models, records
 
 TOL = 1e-6
 RUN = ("--dataset=gaussian_mixture", "--n_train=64", "--width=16", "--depth=1", "--steps=10",
@@ -49,6 +52,53 @@ def test_analyze_reproduces_the_runs_last_tracked_eigenvalues(tmp_path):
     grid, density = (np.asarray(analysis["density"][k]) for k in ("grid", "density"))
     assert abs(np.trapezoid(density, grid) - 1) < 1e-6
     assert (out / "density.png").is_file()
+
+    _check_against_dense_hessian(run, analysis)
+
+    # --params with the driver's flags: the run directory (its newest checkpoint), and an
+    # .npz export of the same params. The same θ and solver: the same λ's, bitwise.
+    checkpoint_dir = run / records.CHECKPOINT_DIR
+    assert analyze_lib.params_source(str(run)) == (checkpoint_dir, 10)
+    assert analyze_lib.params_source(str(checkpoint_dir)) == (checkpoint_dir, 10)
+    assert analyze_lib.params_source(str(checkpoint_dir / "10")) == (checkpoint_dir, 10)
+    arrays = analyze_lib.params_arrays(str(run))
+    assert arrays["Dense_0/kernel"].dtype == np.float64 and len(arrays) == 4
+    np.savez(tmp_path / "theta.npz", **arrays)
+    solver = ("--k=3", "--lanczos_iters=80", f"--lanczos_tol={TOL}", "--num_probes=4",
+              "--slq_iters=8")
+    results = {}
+    for name, source in (("checkpoint", run), ("npz", tmp_path / "theta.npz")):
+        done = run_module("experiments.analyze", *RUN, f"--params={source}", *solver,
+                          f"--workdir={tmp_path / name}")
+        assert done.returncode == 0, done.stderr[-2000:]
+        results[name] = json.loads((tmp_path / name / analyze_lib.ANALYSIS_FILE).read_text())
+    assert results["checkpoint"]["step"] == 10 and results["npz"]["step"] is None
+    for key in ("eigenvalues", "residuals", "min_eigenvalue", "trace"):
+        assert results["checkpoint"][key] == results["npz"][key] == analysis[key], key
+
+
+def _check_against_dense_hessian(run, analysis):
+    """The analysis of the run's last checkpoint against eigh of jax.hessian of its loss
+    (float64, P = 506): top-k to the Lanczos tolerance, λ_min (Lanczos which="smallest")
+    within its residual, the trace within 4 standard errors."""
+    config = json.loads((run / records.CONFIG_FILE).read_text())["flags"]
+    with jax.enable_x64(True):
+        x, y = data_lib.load("gaussian_mixture", 64, seed=0, input_dim=20, num_classes=10)
+        model = models.build_model("mlp", (20,), 10, width=16, depth=1, key=jax.random.key(0),
+                                   dtype=jnp.float64)
+        params = analyze_lib.load_params(str(run), model.params)
+        flat, unravel = ravel_pytree(params)
+        per_example = losses.per_example_loss(config["loss"])
+        loss = lambda f: jnp.mean(per_example(model.apply(unravel(f), jnp.asarray(x)),
+                                              jnp.asarray(y)))
+        eigenvalues = np.linalg.eigvalsh(np.asarray(jax.jit(jax.hessian(loss))(flat)))
+    scale = np.abs(eigenvalues).max()
+    np.testing.assert_allclose(analysis["eigenvalues"], eigenvalues[::-1][:3], rtol=2 * TOL)
+    assert eigenvalues[0] < 0                      # a saddle direction: λ_min is negative
+    assert abs(analysis["min_eigenvalue"] - eigenvalues[0]) <= \
+        max(analysis["min_residual"], 1e-10 * scale)
+    assert abs(analysis["min_eigenvalue"] - eigenvalues[0]) < 1e-6 * scale
+    assert abs(analysis["trace"] - eigenvalues.sum()) < 4 * analysis["trace_stderr"]
 
 
 def test_params_file_round_trip_and_the_leaf_that_differs(tmp_path):

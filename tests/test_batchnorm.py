@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from lossland import curvature, data as data_lib, losses, models
+from lossland import curvature, data as data_lib, losses, models, records
 from lossland.objective import Objective, chunk_data, flat_matvec, full_batch_model_state
 
 THIS = Path(__file__).resolve()
@@ -196,3 +196,154 @@ def test_running_statistics_are_a_side_output_and_eval_uses_them(factory):
         # Training mode normalizes with the batch's statistics, whatever the running ones.
         np.testing.assert_allclose(model.apply(params, x), oracle_forward(params, x, "batch"),
                                    rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------
+# The running statistics along training: the step carries them, checkpoints keep them
+# ----------------------------------------------------------------------------
+
+def _flax_ghost_batch_update(params, batch_stats, x, chunk):
+    """The oracle of one step's running statistics, with Flax itself: each chunk through
+    `BNNet.apply(..., train=True, mutable=['batch_stats'])` from the same running stats,
+    and the mean of the chunks' results (one update per step, see
+    `objective.full_batch_model_state`)."""
+    module = BNNet(CLASSES)
+    updates = [module.apply({"params": params, "batch_stats": batch_stats}, x[lo:lo + chunk],
+                            train=True, mutable=["batch_stats"])[1]["batch_stats"]
+               for lo in range(0, x.shape[0], chunk)]
+    return jax.tree_util.tree_map(lambda *s: sum(s) / len(s), *updates)
+
+
+@pytest.mark.parametrize("chunk", [N, 4])   # one batch; three ghost batches
+def test_gd_steps_carry_running_statistics_as_flax_computes_them(chunk):
+    from lossland import train
+    lr, steps = 0.2, 3
+    with jax.enable_x64(True):
+        model, params, objective, x, y = _setup("make_bn", chunk)
+        gd = train.make_optimizer("gd", lr)
+        step = train.make_train_step(objective, gd, update_state=model.update_state)
+        plain = train.make_train_step(objective, gd)
+        p, opt_state, state = params, gd.init(params), model.state
+        p_oracle, stats_oracle = params, model.state["batch_stats"]
+        sequential = model.state["batch_stats"]   # C updates in turn: not the rule
+        for _ in range(steps):
+            p_plain, _, metrics_plain = plain(p, opt_state, objective.data)
+            p, opt_state, metrics, state = step(p, opt_state, objective.data, state)
+            # The running statistics are a side output: the step is the stateless one.
+            np.testing.assert_allclose(metrics.loss, metrics_plain.loss, rtol=1e-13)
+            for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(p_plain)):
+                np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+            for lo in range(0, N, chunk):
+                sequential = BNNet(CLASSES).apply(
+                    {"params": p_oracle, "batch_stats": sequential}, x[lo:lo + chunk],
+                    train=True, mutable=["batch_stats"])[1]["batch_stats"]
+            stats_oracle = _flax_ghost_batch_update(p_oracle, stats_oracle, x, chunk)
+            grad = jax.grad(oracle_loss)(p_oracle, x, y, chunk, "batch")
+            p_oracle = jax.tree_util.tree_map(lambda a, g: a - lr * g, p_oracle, grad)
+        assert set(state) == {"batch_stats"}
+        for name in ("mean", "var"):
+            np.testing.assert_allclose(state["batch_stats"]["bn"][name],
+                                       stats_oracle["bn"][name], rtol=1e-12)
+            moved = state["batch_stats"]["bn"][name] - model.state["batch_stats"]["bn"][name]
+            assert float(jnp.min(jnp.abs(moved))) > 1e-3   # they did move
+        for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(p_oracle)):
+            np.testing.assert_allclose(a, b, rtol=1e-10)
+        gap = jnp.abs(state["batch_stats"]["bn"]["mean"] - sequential["bn"]["mean"])
+        if chunk == N:   # one chunk: exactly Flax's own train-mode update
+            assert float(jnp.max(gap)) < 1e-14
+        else:            # three: the mean of the ghost batches, not three updates in turn
+            assert float(jnp.max(gap)) > 1e-3
+        # Nor do the running statistics change the Hessian being measured: the training-mode
+        # loss with the initial and with the trained statistics has the same HVP, bitwise.
+        v = jax.tree_util.tree_map(jnp.ones_like, p)
+        hvps = []
+        for stats in (model.state["batch_stats"], state["batch_stats"]):
+            apply = lambda q, xc, s=stats: BNNet(CLASSES).apply(
+                {"params": q, "batch_stats": s}, xc, train=True, mutable=["batch_stats"])[0]
+            hvps.append(Objective(apply, losses.per_example_loss("mse"), objective.data).hvp(
+                p, v))
+        for a, b in zip(*map(jax.tree_util.tree_leaves, hvps)):
+            np.testing.assert_array_equal(a, b)
+
+
+BN_RUN = dict(dataset="gaussian_mixture", input_dim=4, num_classes=CLASSES, n_train=N,
+              chunk_size=4, model=f"{THIS}:make_bn", lr=0.2, log_every=1, plots=False,
+              track_every=0, checkpoint_every=3)
+
+
+def _saved_model_state(exp, workdir, step):
+    """The running statistics in the driver's checkpoint of `step` (template: exp's build)."""
+    from lossland import checkpoints
+    template = checkpoints.initial_state(exp.model.params, exp.optimizer.init(exp.model.params),
+                                         exp.cfg.track_k, model_state=exp.model.state)
+    manager = checkpoints.CheckpointManager(workdir)
+    state = manager.restore(template, step)
+    manager.close()
+    return state.model_state
+
+
+def test_driver_checkpoints_running_statistics_and_resumes_exactly(tmp_path):
+    """float32 in-process (x64 is process-wide): a BatchNorm run stopped at step 3 and
+    resumed to 6 gives the uninterrupted run's records and running statistics, bitwise,
+    and those are the train step's own, step after step."""
+    from lossland import config as config_lib, experiment, runner, train
+    straight = config_lib.RunConfig(**BN_RUN, steps=6, workdir=str(tmp_path / "straight"))
+    split = straight.replace(workdir=str(tmp_path / "split"))
+    assert runner.run(straight, progress=False).status == "finished"
+    assert runner.run(split.replace(steps=3), progress=False).status == "finished"
+    assert runner.run(split.replace(resume=True), progress=False).status == "finished"
+    rows = lambda cfg: [{k: v for k, v in r.items() if k not in runner.TIMING_KEYS}
+                        for r in records.read_metrics(cfg.workdir)]
+    assert rows(split) == rows(straight) and len(rows(straight)) == 7
+    exp = experiment.build_experiment(straight)
+    saved = _saved_model_state(exp, straight.workdir, 6)
+    resumed = _saved_model_state(exp, split.workdir, 6)
+    for a, b in zip(*map(jax.tree_util.tree_leaves, (saved, resumed))):
+        np.testing.assert_array_equal(a, b)
+    # The same six steps by hand, through the step the driver builds.
+    step = train.make_train_step(exp.objective, exp.optimizer,
+                                 update_state=exp.model.update_state)
+    p, opt_state, state = exp.model.params, exp.optimizer.init(exp.model.params), exp.model.state
+    for _ in range(6):
+        p, opt_state, _, state = step(p, opt_state, exp.objective.data, state)
+    for a, b in zip(*map(jax.tree_util.tree_leaves, (saved, state))):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert not np.allclose(saved["batch_stats"]["bn"]["mean"],
+                           exp.model.state["batch_stats"]["bn"]["mean"])
+
+
+@pytest.mark.slow   # two tracked driver runs (the stream's cold start compiles): ~35 s loaded
+def test_stream_tracker_run_carries_the_same_running_statistics(tmp_path):
+    """--tracker=stream's fused step has no model state: a pass of its own updates it, from
+    the same chunks, so its checkpoint holds what the plain step's run holds."""
+    from lossland import config as config_lib, experiment, runner
+    tracked = dict(BN_RUN, steps=3, track_every=1, track_k=1, lanczos_iters=8)
+    stream = config_lib.RunConfig(**tracked, tracker="stream", workdir=str(tmp_path / "stream"))
+    plain = stream.replace(tracker="lanczos", workdir=str(tmp_path / "plain"))
+    for cfg in (stream, plain):
+        assert runner.run(cfg, progress=False).status == "finished"
+    exp = experiment.build_experiment(plain)
+    got, expected = (_saved_model_state(exp, cfg.workdir, 3) for cfg in (stream, plain))
+    for a, b in zip(*map(jax.tree_util.tree_leaves, (got, expected))):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+    assert not np.allclose(got["batch_stats"]["bn"]["var"],
+                           exp.model.state["batch_stats"]["bn"]["var"])
+
+
+def test_a_checkpoint_from_before_model_state_still_restores(tmp_path):
+    """Checkpoints of stateless runs saved before TrainState had model_state resume."""
+    import orbax.checkpoint as ocp
+    from lossland import checkpoints
+    state = checkpoints.initial_state({"w": jnp.arange(3.0)}, (), 1).replace(step=5)
+    saved = checkpoints._to_saveable(state)
+    manager = checkpoints.CheckpointManager(tmp_path)
+    manager._manager.save(5, args=ocp.args.StandardSave(
+        {name: getattr(saved, name) for name in saved.__dataclass_fields__
+         if name != "model_state"}))
+    manager.close()
+    manager = checkpoints.CheckpointManager(tmp_path)   # a fresh one, as a resume has
+    restored = manager.restore_latest(state)
+    manager.close()
+    assert restored.step == 5 and restored.model_state == {}
+    for a, b in zip(*map(jax.tree_util.tree_leaves, (restored, state))):
+        np.testing.assert_array_equal(a, b)

@@ -51,9 +51,10 @@ def make_batchnorm_net(input_shape, num_classes):
 # ---------------------------------------------------------------------------
 
 def _batchnorm_kernels(bn_model, x, y, mesh, put, dtype, v_host) -> dict:
-    """Loss, gradient, HVP and running statistics of a train-mode BatchNorm plug-in."""
+    """Loss, gradient, HVP and running statistics of a train-mode BatchNorm plug-in, and
+    two steps of the train step that carries them."""
     import jax
-    from lossland import losses, objective, sharding
+    from lossland import losses, objective, sharding, train
 
     data = sharding.shard_chunked(x[:BN_N], y[:BN_N], BN_CHUNK, mesh, dtype=dtype)
     obj = objective.Objective(bn_model.apply, losses.per_example_loss("cross_entropy"), data)
@@ -63,6 +64,13 @@ def _batchnorm_kernels(bn_model, x, y, mesh, put, dtype, v_host) -> dict:
     stats = jax.jit(lambda p, s, d: objective.full_batch_model_state(bn_model.update_state,
                                                                       p, s, d))
     out["bn_running_stats"] = stats(params, put(bn_model.state), data)
+    # The driver's step of a BatchNorm model carries the running statistics: two GD steps.
+    gd = train.make_optimizer("gd", 0.1)
+    step = train.make_train_step(obj, gd, update_state=bn_model.update_state)
+    p, s, model_state = params, put(gd.init(bn_model.params)), put(bn_model.state)
+    for _ in range(2):
+        p, s, _, model_state = step(p, s, data, model_state)
+    out["bn_step_params"], out["bn_step_running_stats"] = p, model_state
     return out
 
 

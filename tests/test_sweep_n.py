@@ -263,6 +263,38 @@ def test_each_arm_has_its_own_model_settings_and_hold(tmp_path):
         scaling.dataset_arms({**settings, "per_dataset": {"mnist1d": [{}, {}]}}, "mnist1d")
 
 
+def test_full_preset_has_resnet_arms_with_and_without_batchnorm(tmp_path):
+    """Two arms of one model (`arm` names): --dry_run lists both, with their own settings."""
+    settings = sweep_n.validate_settings({**sweep_n.PRESETS["full"], "eos_threshold": 0.9,
+                                          "confidence": 0.95, "eos_band": [0.9, 1.1],
+                                          "eos_window": 5, "data_dir": None})
+    points = sweep_n.grid(settings)
+    configs = [sweep_n.run_config(p, settings, tmp_path) for p in points]
+    resnet = [(p, c) for p, c in zip(points, configs) if c.model == "resnet"]
+    assert {(p.arm_name, c.norm, c.lr, c.chunk_size) for p, c in resnet} == {
+        ("resnet", "none", 0.15, 4096), ("resnet_bn", "batch", 0.14, 500)}
+    assert all(c.n_train % c.chunk_size == 0 for p, c in resnet if c.norm == "batch")
+    assert len({c.workdir for c in configs}) == len(configs)   # every run its own directory
+    # --dry_run, as a user runs it: one line per arm, nothing written.
+    workdir = tmp_path / "sweep"
+    listed = run_module("experiments.sweep_n", "--preset=full", "--dry_run",
+                        f"--workdir={workdir}", timeout=120)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    lines = listed.stdout.splitlines()
+    assert any(line.startswith("mnist1d/resnet: resnet 8×8, chunk 4096, η = 0.15")
+               for line in lines), lines
+    assert any(line.startswith("mnist1d/resnet_bn: resnet 8×8 norm=batch, chunk 500, η = 0.14")
+               for line in lines), lines
+    assert listed.stdout.strip() == sweep_n.describe_grid(settings, points)
+    assert not workdir.exists()
+    # A BatchNorm arm whose chunk does not divide an N is refused, naming the flag.
+    bn = next(p for p, c in resnet if c.norm == "batch")
+    odd = {**settings, "per_dataset": {"mnist1d": [{"arm": "resnet_bn", "model": "resnet",
+                                                    "norm": "batch", "chunk_size": 300}]}}
+    with pytest.raises(sweep_n.SweepError, match="--chunk_size=300"):
+        sweep_n.run_config(bn, odd, tmp_path)
+
+
 def test_bad_settings_are_refused_naming_the_flag():
     base = {**sweep_n.PRESETS["smoke"], "activations": ["relu"], "losses": ["mse"],
             "eos_threshold": 0.9, "data_dir": None, "confidence": 0.95}
