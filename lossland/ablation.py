@@ -277,7 +277,16 @@ def criterion_across_seeds(checks: list[dict]) -> dict:
 
 
 def verdict_across_seeds(criteria: list[dict]) -> str:
-    """The overall verdict from the criteria's outcomes, by SEEDS_RULE."""
+    """The overall verdict from the criteria's outcomes, by SEEDS_RULE.
+
+    Why this rule: a criterion counts as holding only where it holds from every warm-up
+    point, so a value sitting on its threshold shows as "split" rather than passing or
+    failing by the luck of one seed; "fails" likewise needs every seed. The three learning
+    criteria decide "not reproduced", as in the single-seed `overall_verdict`: χ_k being
+    large is the claim's premise, not its content. The margins (`signed_margin`) and the
+    spread are reported beside the outcome, so a holding criterion with a small smallest
+    margin reads as the near thing it is.
+    """
     outcomes = {c["name"]: c["outcome"] for c in criteria}
     if all(o == "holds" for o in outcomes.values()):
         return "reproduced"
