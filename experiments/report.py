@@ -246,13 +246,14 @@ def c4_glance_rows(folder: Path) -> list[list]:
     spread = _read_json(folder / "c4_summary.json")
     if spread:
         rows = []
-        for group in spread.get("groups", [spread]):
+        for group in spread["groups"]:
             margins = "; ".join(
-                f"{c['name']} {c.get('verdict', c.get('holds'))} (smallest margin "
-                f"{verdicts.fmt(c.get('min_margin'), 3)})" for c in group.get("criteria", []))
-            rows.append(["C4", f"{group.get('baseline', 'gd')} vs Dom/Bulk, "
-                               f"{len(spread.get('seeds', []))} seeds",
-                         group.get("verdict", "n/a"), margins, "n/a"])
+                f"{c['name']} {c['outcome']} (median {verdicts.fmt(c.get('median'), 3)} "
+                f"[{verdicts.fmt(c.get('min'), 3)}, {verdicts.fmt(c.get('max'), 3)}] vs "
+                f"{c['direction']} {c['threshold']}, smallest margin "
+                f"{verdicts.fmt(c.get('smallest_margin'), 3)})" for c in group["criteria"])
+            rows.append(["C4", f"{group['baseline']} vs {group['dom']}/{group['bulk']}, "
+                               f"seeds {spread['seeds']}", group["verdict"], margins, "n/a"])
         return rows
     experiment = _read_json(folder / "experiment.json")
     rows = []

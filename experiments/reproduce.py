@@ -64,7 +64,7 @@ PRESETS = {
                                      "--checkpoint_every=1000"]),
         "sweep_n": ("experiments.sweep_n", ["--preset=decade", "--losses=mse"]),
         "sweep_ce": ("experiments.sweep_n", ["--preset=decade_ce"]),
-        "subspace": ("experiments.subspace", ["--preset=quick"]),
+        "subspace": ("experiments.subspace", ["--preset=decade", "--seeds=0,1,2"]),
     },
     "full": {
         "eos": ("experiments.eos", ["--lrs=0.01,0.02,0.05,0.1", "--lr_steps_product=300"]),

@@ -26,9 +26,17 @@ Protocol
      stability GD oscillates with period 2, and an even interval would sample
      one phase of the oscillation only (it biased Σ ΔL_full to the wrong sign
      in a trial run).
-  3. WORKDIR/summary.json (keyed by variant), WORKDIR/experiment.json (start,
-     settings, timings, the C4 criteria), WORKDIR/loss_overlay.png and
-     WORKDIR/verdict.md, generated from the numbers with criteria fixed below.
+  3. WORKDIR/summary.json (keyed by variant), WORKDIR/loss_overlay.png,
+     WORKDIR/verdict.md, generated from the numbers with criteria fixed in
+     lossland.ablation, and last WORKDIR/experiment.json (start, settings,
+     timings, the C4 criteria), whose presence marks the experiment complete.
+
+--seeds=0,1,2 runs that whole experiment once per seed (its own data,
+initialization and warm-up point) into WORKDIR/seed_<s>/, then judges C4 across
+the seeds (`ablation.c4_summary`, rule `ablation.SEEDS_RULE`): WORKDIR/c4_summary.json,
+WORKDIR/verdict.md and WORKDIR/loss_seeds.png. Rerun the same command after a kill:
+finished seeds are kept (refused if their settings differ), an unfinished one
+starts over.
 
 Variants: gd, dom, bulk (full batch), and sgd, dom_sgd, bulk_sgd (minibatches
 of --batch_size; projections from the minibatch HVP).
@@ -36,6 +44,7 @@ of --batch_size; projections from the minibatch HVP).
     python -m experiments.subspace --workdir=runs/subspace --preset=quick
     python -m experiments.subspace --workdir=runs/subspace_sgd --variants=sgd,dom_sgd,bulk_sgd
     python -m experiments.subspace --workdir=/tmp/s --preset=smoke --start=init
+    python -m experiments.subspace --workdir=runs/c4_seeds --preset=decade --seeds=0,1,2
 """
 
 from __future__ import annotations
@@ -48,21 +57,28 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
+from experiments import subspace_seeds
 from lossland import checkpoints, config as config_lib, data as data_lib
 from lossland import ablation, plots, records, runner, sharding
 from lossland import experiment as experiment_lib
 from lossland.ablation import BULK_AS_WELL, CHI_MOST, DOM_STALLS, TOP_SHARE_LITTLE, VARIANTS
 
 # Each preset: the base RunConfig fields, then the experiment's own settings.
+QUICK = {
+    "run": dict(dataset="mnist1d", n_train=1000, model="mlp", width=256, depth=2,
+                activation="relu", loss="mse", lr=0.05, batch_size=128, lanczos_iters=60,
+                lanczos_tol=1e-3, log_every=10, checkpoint_every=0),
+    "steps": 500, "k": 10, "refresh_every": 10, "track_every": 9,
+    "warmup_max_steps": 3000, "warmup_track_every": 50, "eos_hold_steps": 200,
+    "plots": True,
+}
 PRESETS = {
-    "quick": {
-        "run": dict(dataset="mnist1d", n_train=1000, model="mlp", width=256, depth=2,
-                    activation="relu", loss="mse", lr=0.05, batch_size=128, lanczos_iters=60,
-                    lanczos_tol=1e-3, log_every=10, checkpoint_every=0),
-        "steps": 500, "k": 10, "refresh_every": 10, "track_every": 9,
-        "warmup_max_steps": 3000, "warmup_track_every": 50, "eos_hold_steps": 200,
-        "plots": True,
-    },
+    "quick": QUICK,
+    # "quick" in the decade sweep's warm-up setting (issue 25): MNIST-1D n=1024, MLP 2×64
+    # ReLU, MSE, lr=0.1 entered the edge of stability at step 2150, 3350 and 2900 for
+    # seeds 0, 1 and 2 (BUILD_NOTES), hence the cap of 6000.
+    "decade": {**QUICK, "run": dict(QUICK["run"], n_train=1024, width=64, lr=0.1),
+               "warmup_max_steps": 6000},
     "smoke": {
         "run": dict(dataset="mnist1d", n_train=128, model="mlp", width=16, depth=1,
                     activation="relu", loss="mse", lr=0.2, batch_size=32, lanczos_iters=16,
@@ -76,7 +92,8 @@ PRESETS = {
 flags.DEFINE_string("workdir", "runs/subspace", "Output folder (warmup/, variants/, "
                     "summary.json, verdict.md, loss_overlay.png).")
 flags.DEFINE_enum("preset", "quick", sorted(PRESETS), "quick: the default run, ≤ 10 min on "
-                  "2 CPU cores; smoke: a tiny run for tests.")
+                  "2 CPU cores; decade: the decade sweep's warm-up setting (MNIST-1D n=1024, "
+                  "MLP 2×64, lr=0.1), about 3 min a seed; smoke: a tiny run for tests.")
 flags.DEFINE_boolean("overwrite", False, "Replace the records of an existing --workdir.")
 flags.DEFINE_enum("start", "eos", ["eos", "init"], "Shared start: the edge-of-stability point "
                   "of a GD warm-up (eos) or the initialization (init).")
@@ -95,6 +112,10 @@ flags.DEFINE_integer("track_every", None, "Track χ_k and the attribution every 
 flags.DEFINE_float("lr", None, "Learning rate of the warm-up and every variant (default: the "
                    "preset's).", lower_bound=0)
 flags.DEFINE_integer("seed", 0, "Seed of data, init, minibatches and Lanczos start vectors.")
+flags.DEFINE_list("seeds", [], "Run the whole experiment once per seed, each from its own "
+                  "warm-up point, into WORKDIR/seed_<s>/, and judge C4 across them "
+                  "(WORKDIR/c4_summary.json, verdict.md, loss_seeds.png). A rerun keeps the "
+                  "finished seeds. Replaces --seed.")
 flags.DEFINE_integer("warmup_max_steps", None, "Step cap of the --start=eos warm-up.",
                      lower_bound=1)
 flags.DEFINE_integer("eos_hold_steps", None, "The warm-up stops once it has held the edge of "
@@ -156,94 +177,81 @@ def _warmup(root: Path, base: config_lib.RunConfig, settings: dict):
     return state.params, description, info
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    unknown = [v for v in FLAGS.variants if v not in VARIANTS]
-    if unknown or not FLAGS.variants or len(set(FLAGS.variants)) != len(FLAGS.variants):
-        print(f"error: --variants={','.join(FLAGS.variants)}: give distinct names from "
-              f"{list(VARIANTS)}", file=sys.stderr)
-        return 2
+def _settings() -> dict:
     preset = PRESETS[FLAGS.preset]
     settings = {name: _setting(name) for name in ("steps", "k", "refresh_every", "track_every",
                                                     "warmup_max_steps", "eos_hold_steps")}
     settings["warmup_track_every"] = min(preset["warmup_track_every"], settings["eos_hold_steps"])
-    run_fields = dict(preset["run"], seed=FLAGS.seed, overwrite=False, plots=False)
+    return settings
+
+
+def _configs(root: Path, seed: int, settings: dict):
+    """The validated base RunConfig (warm-up setting) and the variants' RunConfigs."""
+    run_fields = dict(PRESETS[FLAGS.preset]["run"], seed=seed, overwrite=False, plots=False)
     if FLAGS.lr is not None:
         run_fields["lr"] = FLAGS.lr
     k = settings["k"]
-    root = Path(FLAGS.workdir)
-    projecting = [name for name in FLAGS.variants if VARIANTS[name][1] != "none"]
-    if projecting and k < 1:
-        print(f"error: --k={k} is not allowed: the variants {projecting} project on the top-k "
-              "Hessian subspace, so k must be >= 1. Set --k, or run only gd,sgd.",
-              file=sys.stderr)
-        return 2
-    try:
-        base = config_lib.RunConfig(**run_fields)
-        if FLAGS.start == "eos":   # checked now, not after the workdir is made
-            config_lib.validate(_warmup_config(root, base, settings))
-        variant_cfgs = {}
-        for name in FLAGS.variants:
-            optimizer, projection, _ = VARIANTS[name]
-            variant_cfgs[name] = base.replace(
-                workdir=str(root / "variants" / name), optimizer=optimizer, projection=projection,
-                steps=settings["steps"], projection_k=k, refresh_every=settings["refresh_every"],
-                switch_step=0, track_every=settings["track_every"], track_k=max(k, 1),
-                lanczos_iters=max(base.lanczos_iters, k),
-                log_every=1)  # every step: the runner writes tracked rows only on log steps
-            config_lib.validate(variant_cfgs[name])
-            try:   # k <= P, from shapes alone
-                experiment_lib.validate_model_bounds(variant_cfgs[name])
-            except config_lib.ConfigError as e:
-                raise config_lib.ConfigError(f"--k={k} sets each variant's --track_k and "
-                                             f"--projection_k: {e}") from None
-        if root.is_dir() and any(root.iterdir()) and not FLAGS.overwrite:   # (no --resume here)
-            raise records.WorkdirError(f"--workdir={root} exists and is not empty. Pass "
-                                       "--overwrite to replace its records, or choose a new "
-                                       "--workdir.")
-        records.check_workdir(root, overwrite=FLAGS.overwrite)
-    except (config_lib.ConfigError, records.WorkdirError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    records.prepare_workdir(root, overwrite=FLAGS.overwrite)
+    base = config_lib.RunConfig(**run_fields)
+    if FLAGS.start == "eos":   # checked now, not after the workdir is made
+        config_lib.validate(_warmup_config(root, base, settings))
+    variant_cfgs = {}
+    for name in FLAGS.variants:
+        optimizer, projection, _ = VARIANTS[name]
+        variant_cfgs[name] = base.replace(
+            workdir=str(root / "variants" / name), optimizer=optimizer, projection=projection,
+            steps=settings["steps"], projection_k=k, refresh_every=settings["refresh_every"],
+            switch_step=0, track_every=settings["track_every"], track_k=max(k, 1),
+            lanczos_iters=max(base.lanczos_iters, k),
+            log_every=1)  # every step: the runner writes tracked rows only on log steps
+        config_lib.validate(variant_cfgs[name])
+        try:   # k <= P, from shapes alone
+            experiment_lib.validate_model_bounds(variant_cfgs[name])
+        except config_lib.ConfigError as e:
+            raise config_lib.ConfigError(f"--k={k} sets each variant's --track_k and "
+                                         f"--projection_k: {e}") from None
+    return base, variant_cfgs
 
+
+def _setting_text(base: config_lib.RunConfig) -> str:
+    return (f"{base.dataset} n={base.n_train}, {base.model} {base.depth}×{base.width} "
+            f"{base.activation}, {base.loss}, lr={base.lr}")
+
+
+def _identity(base: config_lib.RunConfig, settings: dict, seed: int) -> dict:
+    """What a finished seed's experiment.json must match for a rerun to keep it."""
+    return {"preset": FLAGS.preset, "setting": _setting_text(base), **settings, "seed": seed,
+            "eos_threshold": FLAGS.eos_threshold, "variants": list(FLAGS.variants)}
+
+
+def _run_seed(root: Path, base, variant_cfgs: dict, settings: dict, seed: int):
+    """One complete experiment into `root` (warm-up, variants, summary, verdict); returns
+    (experiment.json's dict, each variant's metrics rows). experiment.json is written last,
+    so its presence marks the experiment complete."""
     t0 = time.time()
     timings = {}
-    try:
-        if FLAGS.start == "eos":
-            start_params, start_description, start_info = _warmup(root, base, settings)
-        else:
-            start_params, start_description = None, "the initialization (seed %d)" % FLAGS.seed
-            start_info = {"kind": "init", "step": 0}
-        timings["warmup_s"] = time.time() - t0
-        runs = {}
-        for name, cfg in variant_cfgs.items():
-            t = time.time()
-            exp = runner.build_experiment(cfg)
-            if start_params is not None:
-                params = sharding.replicate(start_params, exp.mesh)
-                exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, params=params))
-            result = runner.run(cfg, experiment=exp)
-            if result.status == runner.STATUS_INTERRUPTED:
-                raise _Interrupted(result.message)
-            records.write_json_atomic(result.workdir / "start.json",
-                                      {**start_info, "description": start_description})
-            if preset["plots"]:
-                plots.plot_run(result.workdir)
-            runs[name] = records.read_metrics(result.workdir)
-            timings[f"{name}_s"] = time.time() - t
-            print(f"{name}: {result.status} at step {result.step}", file=sys.stderr)
-    except _Interrupted as e:
-        print(f"interrupted; the experiment stops here ({e}). Rerun with --overwrite.",
-              file=sys.stderr)
-        return runner.EXIT_CODES[runner.STATUS_INTERRUPTED]
-    except (config_lib.ConfigError, data_lib.DataError, records.WorkdirError,
-            RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if FLAGS.start == "eos":
+        start_params, start_description, start_info = _warmup(root, base, settings)
+    else:
+        start_params, start_description = None, "the initialization (seed %d)" % seed
+        start_info = {"kind": "init", "step": 0}
+    timings["warmup_s"] = time.time() - t0
+    runs = {}
+    for name, cfg in variant_cfgs.items():
+        t = time.time()
+        exp = runner.build_experiment(cfg)
+        if start_params is not None:
+            params = sharding.replicate(start_params, exp.mesh)
+            exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, params=params))
+        result = runner.run(cfg, experiment=exp)
+        if result.status == runner.STATUS_INTERRUPTED:
+            raise _Interrupted(result.message)
+        records.write_json_atomic(result.workdir / "start.json",
+                                  {**start_info, "description": start_description})
+        if PRESETS[FLAGS.preset]["plots"]:
+            plots.plot_run(result.workdir)
+        runs[name] = records.read_metrics(result.workdir)
+        timings[f"{name}_s"] = time.time() - t
+        print(f"{name}: {result.status} at step {result.step}", file=sys.stderr)
 
     summary = {name: ablation.summarize_variant(rows, name) for name, rows in runs.items()}
     ablation.add_baseline_ratios(summary)
@@ -256,23 +264,117 @@ def main(argv):
                        else ablation.overall_verdict(checks))
             groups.append({"baseline": baseline, "dom": dom, "bulk": bulk, "checks": checks,
                            "verdict": verdict})
-    setting = (f"{base.dataset} n={base.n_train}, {base.model} {base.depth}×{base.width} "
-               f"{base.activation}, {base.loss}, lr={base.lr}")
+    setting = _setting_text(base)
     timings["total_s"] = time.time() - t0
-    experiment = {"preset": FLAGS.preset, "setting": setting, "start": start_info,
-                  "start_description": start_description, **settings, "seed": FLAGS.seed,
-                  "variants": list(summary), "criteria": groups, "timings": timings,
+    experiment = {**_identity(base, settings, seed), "start": start_info,
+                  "start_description": start_description, "variants": list(summary),
+                  "criteria": groups, "timings": timings,
                   "thresholds": {"chi_most": CHI_MOST, "top_share_little": TOP_SHARE_LITTLE,
                                  "dom_stalls": DOM_STALLS, "bulk_as_well": BULK_AS_WELL}}
     records.write_json_atomic(root / "summary.json", summary)
-    records.write_json_atomic(root / "experiment.json", experiment)
     plots.plot_variant_overlay(runs, root / "loss_overlay.png",
-                 f"{setting}; start: {start_info['kind']} (step {start_info['step']}); k={k}, "
-                 f"R={settings['refresh_every']}")
+                 f"{setting}; start: {start_info['kind']} (step {start_info['step']}); "
+                 f"k={settings['k']}, R={settings['refresh_every']}")
     (root / "verdict.md").write_text(ablation.verdict_markdown(summary, experiment, groups))
-    print(json.dumps({"verdicts": {g["baseline"]: g["verdict"] for g in groups},
+    records.write_json_atomic(root / "experiment.json", experiment)   # last: marks it complete
+    print(json.dumps({"seed": seed, "verdicts": {g["baseline"]: g["verdict"] for g in groups},
                       "final_loss": {n: e["final_loss"] for n, e in summary.items()},
                       "total_s": round(timings["total_s"], 1)}), file=sys.stderr)
+    return experiment, runs
+
+
+def _main_seeds(root: Path, settings: dict) -> int:
+    """--seeds: one complete experiment per seed, then C4 across them."""
+    try:
+        seeds = subspace_seeds.parse_seeds(FLAGS.seeds,
+                                           FLAGS.seed if FLAGS["seed"].present else None)
+        configs, identities = {}, {}
+        for seed in seeds:
+            try:
+                configs[seed] = _configs(root / f"seed_{seed}", seed, settings)
+            except config_lib.ConfigError as e:
+                raise config_lib.ConfigError(f"--seeds={','.join(FLAGS.seeds)} sets each "
+                                             f"run's --seed: {e}") from None
+            identities[seed] = {**_identity(configs[seed][0], settings, seed),
+                                "start": FLAGS.start}
+        finished = (set() if FLAGS.overwrite else
+                    subspace_seeds.finished_seeds(root, identities))
+    except (config_lib.ConfigError, records.WorkdirError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    records.prepare_workdir(root, overwrite=FLAGS.overwrite)
+    experiments, runs_by_seed = [], {}
+    for seed in seeds:
+        folder = root / f"seed_{seed}"
+        if seed in finished:
+            print(f"seed {seed}: finished before, kept", file=sys.stderr)
+            experiment, runs = subspace_seeds.read_finished(folder)
+        else:
+            records.prepare_workdir(folder, overwrite=True)   # an unfinished seed starts over
+            try:
+                experiment, runs = _run_seed(folder, *configs[seed], settings, seed)
+            except _Interrupted as e:
+                print(f"interrupted in seed {seed} ({e}); rerun the same command to go on "
+                      "from this seed.", file=sys.stderr)
+                return runner.EXIT_CODES[runner.STATUS_INTERRUPTED]
+            except (config_lib.ConfigError, data_lib.DataError, records.WorkdirError,
+                    RuntimeError) as e:
+                print(f"error in seed {seed}: {e}", file=sys.stderr)
+                return 2
+        experiments.append(experiment)
+        runs_by_seed[seed] = runs
+    summary = subspace_seeds.write_outputs(root, seeds, experiments, runs_by_seed,
+                                           f"k={settings['k']}, R={settings['refresh_every']}")
+    print(json.dumps({"seeds": seeds, "verdicts": summary["verdicts"],
+                      "smallest_margins": {c["name"]: c["smallest_margin"]
+                                           for c in summary["groups"][0]["criteria"]}}),
+          file=sys.stderr)
+    print(f"records in {root}", file=sys.stderr)
+    return 0
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    unknown = [v for v in FLAGS.variants if v not in VARIANTS]
+    if unknown or not FLAGS.variants or len(set(FLAGS.variants)) != len(FLAGS.variants):
+        print(f"error: --variants={','.join(FLAGS.variants)}: give distinct names from "
+              f"{list(VARIANTS)}", file=sys.stderr)
+        return 2
+    settings = _settings()
+    k = settings["k"]
+    root = Path(FLAGS.workdir)
+    projecting = [name for name in FLAGS.variants if VARIANTS[name][1] != "none"]
+    if projecting and k < 1:
+        print(f"error: --k={k} is not allowed: the variants {projecting} project on the top-k "
+              "Hessian subspace, so k must be >= 1. Set --k, or run only gd,sgd.",
+              file=sys.stderr)
+        return 2
+    if FLAGS.seeds:
+        return _main_seeds(root, settings)
+    try:
+        base, variant_cfgs = _configs(root, FLAGS.seed, settings)
+        if root.is_dir() and any(root.iterdir()) and not FLAGS.overwrite:   # (no --resume here)
+            raise records.WorkdirError(f"--workdir={root} exists and is not empty. Pass "
+                                       "--overwrite to replace its records, or choose a new "
+                                       "--workdir.")
+        records.check_workdir(root, overwrite=FLAGS.overwrite)
+    except (config_lib.ConfigError, records.WorkdirError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    records.prepare_workdir(root, overwrite=FLAGS.overwrite)
+    try:
+        _run_seed(root, base, variant_cfgs, settings, FLAGS.seed)
+    except _Interrupted as e:
+        print(f"interrupted; the experiment stops here ({e}). Rerun with --overwrite.",
+              file=sys.stderr)
+        return runner.EXIT_CODES[runner.STATUS_INTERRUPTED]
+    except (config_lib.ConfigError, data_lib.DataError, records.WorkdirError,
+            RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"records in {root}", file=sys.stderr)
     return 0
 

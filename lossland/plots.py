@@ -235,6 +235,27 @@ def plot_variant_overlay(runs: dict[str, list[dict]], path: Path, title: str) ->
     return _save(fig, path)
 
 
+def plot_seed_loss_curves(runs_by_seed: dict[int, dict[str, list[dict]]], path: Path,
+                          title: str) -> Path:
+    """Loss against step (log y) on one panel: a color per variant, a line style per seed."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    styles = ["-", "--", ":", "-."]
+    names = list(dict.fromkeys(name for runs in runs_by_seed.values() for name in runs))
+    for index, (seed, runs) in enumerate(runs_by_seed.items()):
+        for name, rows in runs.items():
+            steps, loss = records.scalar_rows(rows, "loss")
+            keep = loss > 0
+            ax.plot(steps[keep], loss[keep], lw=1.1, color=f"C{names.index(name)}",
+                    ls=styles[index % len(styles)], label=f"{name}, seed {seed}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step after the seed's shared start")
+    ax.set_ylabel("full-batch training loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=len(runs_by_seed))
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
 # ----------------------------------------------------------------------------
 # Dataset-size sweeps (summary.json of experiments/sweep_n.py)
 # ----------------------------------------------------------------------------

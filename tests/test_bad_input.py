@@ -423,6 +423,13 @@ CASES = [
     subspace("workdir-is-a-file", setup="file", expect=["--workdir=", "is not a directory"]),
     subspace("workdir-exists", setup="notes",   # and no --resume, which subspace has not
              expect=["--workdir=", "not empty", "--overwrite to replace its records, or choose"]),
+    subspace("seeds-not-integers", "--seeds=0,one", expect=["--seeds=0,one", "distinct integers"]),
+    subspace("seeds-repeated", "--seeds=1,1", expect=["--seeds=1,1", "distinct integers"]),
+    subspace("seeds-and-seed", "--seeds=0,1", "--seed=2",
+             expect=["--seed=2", "--seeds=0,1", "exclusive", "Drop --seed"]),
+    subspace("seeds-negative", "--seeds=0,-1", expect=["--seeds=0,-1", "--seed=-1", ">= 0"]),
+    subspace("seeds-workdir-foreign", "--seeds=0,1", setup="notes",
+             expect=["--workdir=", "notes.txt", "not a multi-seed", "--overwrite"]),
     # --- experiments.reproduce ------------------------------------------------------------------
     reproduce("only-unknown", "--only=eos,foo", expect=["--only=eos,foo", "sweep_n"]),
     reproduce("preset-unknown", "--preset=huge", expect=["--preset=huge", "quick"]),

@@ -7,7 +7,8 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from conftest import run_module
-from lossland import checkpoints, curvature, data, losses, models, objective, projections, train
+from lossland import (ablation, checkpoints, curvature, data, losses, models, objective,
+                      projections, train)
 
 
 def _tiny(dtype=jnp.float32, n=30):
@@ -239,3 +240,46 @@ def test_smoke_preset_runs_end_to_end(tmp_path):
     # A second run into the same workdir is refused without --overwrite.
     again = run_module("experiments.subspace", "--preset=smoke", f"--workdir={workdir}")
     assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+@pytest.mark.slow   # two seeds of the smoke experiment, about 3 min on 2 loaded cores
+def test_seeds_run_resume_and_judge_across_seeds(tmp_path):
+    workdir = tmp_path / "seeds"
+    first = run_module("experiments.subspace", "--preset=smoke", "--seeds=0",
+                       f"--workdir={workdir}", timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    kept = (workdir / "seed_0" / "experiment.json").stat().st_mtime_ns
+    # What a kill during seed 1 leaves: a seed folder without experiment.json.
+    (workdir / "seed_1" / "warmup").mkdir(parents=True)
+    (workdir / "seed_1" / "warmup" / "metrics.jsonl").write_text('{"step": 0}\n')
+    second = run_module("experiments.subspace", "--preset=smoke", "--seeds=0,1",
+                        f"--workdir={workdir}", timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "seed 0: finished before, kept" in second.stderr
+    assert (workdir / "seed_0" / "experiment.json").stat().st_mtime_ns == kept
+    for seed in (0, 1):
+        experiment = json.loads((workdir / f"seed_{seed}" / "experiment.json").read_text())
+        assert experiment["seed"] == seed and experiment["start"]["kind"] == "eos"
+        assert (workdir / f"seed_{seed}" / "verdict.md").exists()
+    summary = json.loads((workdir / "c4_summary.json").read_text())
+    assert summary["seeds"] == [0, 1] and summary["preset"] == "smoke"
+    starts = [json.loads((workdir / f"seed_{s}" / "summary.json").read_text())["gd"]["start_loss"]
+              for s in (0, 1)]
+    assert starts[0] != starts[1]   # each seed its own warm-up point
+    (group,) = summary["groups"]
+    assert [c["name"] for c in group["criteria"]] == list(ablation.DIRECTIONS)
+    for c in group["criteria"]:
+        assert len(c["values"]) == len(c["margins"]) == len(c["passes"]) == 2
+        for value, margin, passes in zip(c["values"], c["margins"], c["passes"]):
+            if value is not None:
+                assert margin == pytest.approx(ablation.signed_margin(value, c["threshold"],
+                                                                      c["direction"]))
+                assert passes == (margin > 0 or (margin == 0 and c["direction"] == ">="))
+        assert c["outcome"] in ("holds", "fails", "split", "undetermined")
+    assert group["verdict"] == ablation.verdict_across_seeds(group["criteria"])
+    assert "| seed 0 | seed 1 |" in (workdir / "verdict.md").read_text()
+    assert (workdir / "loss_seeds.png").stat().st_size > 1000
+    # A finished seed with other settings is refused, naming the difference.
+    changed = run_module("experiments.subspace", "--preset=smoke", "--seeds=0,1", "--steps=10",
+                         f"--workdir={workdir}")
+    assert changed.returncode == 2 and "steps: 20 there, 10 now" in changed.stderr
