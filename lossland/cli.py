@@ -30,6 +30,12 @@ def define_run_flags(**default_overrides) -> None:
                         "required).")
     flags.DEFINE_integer("n_train", d.n_train, "Training examples: the first n of the seed's "
                          "fixed order, so larger n contains smaller n.", lower_bound=1)
+    flags.DEFINE_integer("n_test", d.n_test, "Test examples (the first n of the test split) "
+                         "evaluated in eval mode, BatchNorm with its running statistics, into "
+                         "test_loss and test_accuracy: in the final row, and every "
+                         "--eval_every steps (0 = no test evaluation).", lower_bound=0)
+    flags.DEFINE_integer("eval_every", d.eval_every, "Test evaluation every this many steps, "
+                         "on logged rows (0 = in the final row only).", lower_bound=0)
     flags.DEFINE_integer("input_dim", d.input_dim, "Input dimension (synthetic datasets only).",
                          lower_bound=1)
     flags.DEFINE_integer("num_classes", d.num_classes, "Classes (synthetic datasets only).",

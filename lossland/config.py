@@ -36,6 +36,8 @@ class RunConfig:
     dataset: str = "mnist1d"
     data_dir: Optional[str] = None
     n_train: int = 1000
+    n_test: int = 0              # test examples evaluated in eval mode (0 = none)
+    eval_every: int = 0          # test evaluation every this many steps (0 = at the end only)
     input_dim: int = 20          # synthetic datasets only
     num_classes: int = 10        # synthetic datasets only
     # model
@@ -140,6 +142,14 @@ def validate(cfg: RunConfig) -> None:
     available = info.size["train"] if info else None
     _require(available is None or cfg.n_train <= available, "n_train", cfg.n_train,
              f"{cfg.dataset} has {available} training examples", f"Use --n_train<={available}.")
+    _require(cfg.n_test >= 0, "n_test", cfg.n_test, "must be >= 0 (0 = no test evaluation)")
+    available_test = info.size["test"] if info else None
+    _require(available_test is None or cfg.n_test <= available_test, "n_test", cfg.n_test,
+             f"{cfg.dataset} has {available_test} test examples",
+             f"Use --n_test<={available_test}.")
+    _require(cfg.eval_every >= 0, "eval_every", cfg.eval_every, "must be >= 0 (0 = at the end)")
+    _require(not cfg.eval_every or cfg.n_test, "eval_every", cfg.eval_every,
+             "it evaluates the --n_test test examples, and --n_test=0", "Set --n_test > 0.")
     _require(cfg.input_dim > 0, "input_dim", cfg.input_dim, "must be > 0")
     _require(cfg.num_classes >= 2, "num_classes", cfg.num_classes, "must be >= 2")
     _require(cfg.width > 0, "width", cfg.width, "must be > 0")

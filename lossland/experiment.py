@@ -36,6 +36,7 @@ class Experiment:
     train_step: Any   # train.make_train_step's; it carries model_state when model.has_state
     dtype: Any
     mesh: Any
+    test_data: Any = None   # ChunkedData of the first --n_test test examples, or None
 
 
 def set_matmul_precision(name: str) -> None:
@@ -141,7 +142,33 @@ def build_experiment(cfg: config_lib.RunConfig) -> Experiment:
     # A BatchNorm model's step also returns its running statistics (model.update_state).
     train_step = train_lib.make_train_step(objective, optimizer, update_state=model.update_state)
     return Experiment(cfg=cfg, x=x, y=y, model=model, objective=objective, optimizer=optimizer,
-                      train_step=train_step, dtype=dtype, mesh=mesh)
+                      train_step=train_step, dtype=dtype, mesh=mesh,
+                      test_data=_test_data(cfg, dtype))
+
+
+def _test_data(cfg: config_lib.RunConfig, dtype):
+    """The first --n_test test examples, in chunks of --chunk_size on one device (None when
+    --n_test=0). Evaluation is a side measurement: it need not be sharded."""
+    if not cfg.n_test:
+        return None
+    x, y = data_lib.load(cfg.dataset, cfg.n_test, seed=cfg.seed, data_dir=cfg.data_dir,
+                         split="test", input_dim=cfg.input_dim, num_classes=cfg.num_classes)
+    return objective_lib.chunk_data(x, y, cfg.chunk_size, dtype=dtype)
+
+
+def make_evaluator(exp: Experiment):
+    """Jitted `(params, model_state) -> (test loss, test accuracy)` in eval mode (BatchNorm
+    normalizes with its running statistics, `Model.evaluate`), or None without test data."""
+    if exp.test_data is None:
+        return None
+    per_example = losses.per_example_loss(exp.cfg.loss)
+
+    def evaluate(params, model_state, data):
+        eval_apply = lambda p, x: exp.model.evaluate(p, model_state, x)
+        return objective_lib.loss_and_accuracy(eval_apply, per_example, params, data)
+
+    jitted = jax.jit(evaluate)
+    return lambda params, model_state: jitted(params, model_state, exp.test_data)
 
 
 def _make_projection(cfg: config_lib.RunConfig):

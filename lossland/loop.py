@@ -30,6 +30,7 @@ from lossland import objective as objective_lib, sharding, streaming
 from lossland import train as train_lib
 from lossland import tracking as tracking_lib
 from lossland import tracking_extras
+from lossland import experiment as experiment_lib
 from lossland.experiment import Experiment
 
 # Keys that measure time, not the trajectory: resumed or resharded records equal the
@@ -81,6 +82,7 @@ class _Loop:
                                                            exp.model.update_state))
                                  if self.stream is not None and exp.model.has_state else None)
         self.prober = _make_prober(self.objective, cfg) if cfg.probe_every else None
+        self.evaluator = experiment_lib.make_evaluator(exp)
         self.density = (tracking_lib.make_density(self.objective, num_probes=DENSITY_PROBES,
                                                   num_iters=DENSITY_ITERS)
                         if cfg.density_every else None)
@@ -167,10 +169,18 @@ class _Loop:
             row.update(tracked)
             self.last_tracked = tracked
         if _should_log(step, cfg) or diverged_at is not None or "eigenvalues" in row:
+            if (diverged_at is None and self.evaluator is not None and cfg.eval_every
+                    and step % cfg.eval_every == 0):
+                row.update(self.test_metrics(state))
             row["wall_time"] = time.time() - self.t0
             self.writer.write(row)
             self.last_row = row
         return row, updated, state, diverged_at
+
+    def test_metrics(self, state) -> dict:
+        """Test loss and accuracy at θ_step in eval mode (running statistics at θ_step)."""
+        loss, accuracy = self.evaluator(state.params, state.model_state)
+        return {"test_loss": float(loss), "test_accuracy": float(accuracy)}
 
     def optimizer_step(self, state, batch):
         """The plain (untracked) step at state: (params', opt_state', metrics, model_state').
@@ -274,6 +284,8 @@ class _Loop:
         final = {"loss": float(loss), "accuracy": float(accuracy),
                  "grad_norm": float(train_lib.tree_norm(grad)),
                  "param_norm": float(train_lib.tree_norm(state.params))}
+        if self.evaluator is not None:
+            final.update(self.test_metrics(state))
         if self.tracker is not None:
             if tracked is None:
                 tracked, state = self.measure(state, step)

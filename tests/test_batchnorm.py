@@ -271,15 +271,24 @@ BN_RUN = dict(dataset="gaussian_mixture", input_dim=4, num_classes=CLASSES, n_tr
               track_every=0, checkpoint_every=3)
 
 
-def _saved_model_state(exp, workdir, step):
-    """The running statistics in the driver's checkpoint of `step` (template: exp's build)."""
+def _saved_state(exp, workdir, step):
+    """The driver's checkpoint of `step` (template: exp's build)."""
     from lossland import checkpoints
     template = checkpoints.initial_state(exp.model.params, exp.optimizer.init(exp.model.params),
                                          exp.cfg.track_k, model_state=exp.model.state)
     manager = checkpoints.CheckpointManager(workdir)
     state = manager.restore(template, step)
     manager.close()
-    return state.model_state
+    return state
+
+
+def _saved_model_state(exp, workdir, step):
+    """The running statistics in the driver's checkpoint of `step`."""
+    return _saved_state(exp, workdir, step).model_state
+
+
+def _saved_params(exp, workdir, step):
+    return _saved_state(exp, workdir, step).params
 
 
 def test_driver_checkpoints_running_statistics_and_resumes_exactly(tmp_path):
@@ -287,7 +296,8 @@ def test_driver_checkpoints_running_statistics_and_resumes_exactly(tmp_path):
     resumed to 6 gives the uninterrupted run's records and running statistics, bitwise,
     and those are the train step's own, step after step."""
     from lossland import config as config_lib, experiment, runner, train
-    straight = config_lib.RunConfig(**BN_RUN, steps=6, workdir=str(tmp_path / "straight"))
+    straight = config_lib.RunConfig(**BN_RUN, steps=6, n_test=12, eval_every=3,
+                                    workdir=str(tmp_path / "straight"))
     split = straight.replace(workdir=str(tmp_path / "split"))
     assert runner.run(straight, progress=False).status == "finished"
     assert runner.run(split.replace(steps=3), progress=False).status == "finished"
@@ -310,6 +320,17 @@ def test_driver_checkpoints_running_statistics_and_resumes_exactly(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-6)
     assert not np.allclose(saved["batch_stats"]["bn"]["mean"],
                            exp.model.state["batch_stats"]["bn"]["mean"])
+    # Eval uses them: the final row's test metrics are the eval-mode loss with the running
+    # statistics at step 6 (--n_test, --eval_every), not the initial ones.
+    final = records.read_metrics(straight.workdir)[-1]
+    assert [r["step"] for r in records.read_metrics(straight.workdir)
+            if "test_loss" in r] == [0, 3, 6]
+    evaluate = experiment.make_evaluator(exp)
+    loss, accuracy = evaluate(_saved_params(exp, straight.workdir, 6), saved)
+    assert final["test_loss"] == pytest.approx(float(loss), rel=1e-6)
+    assert final["test_accuracy"] == pytest.approx(float(accuracy))
+    initial_loss, _ = evaluate(_saved_params(exp, straight.workdir, 6), exp.model.state)
+    assert abs(float(initial_loss) - final["test_loss"]) > 1e-4 * abs(final["test_loss"])
 
 
 @pytest.mark.slow   # two tracked driver runs (the stream's cold start compiles): ~35 s loaded
