@@ -154,6 +154,10 @@ def _to_saveable(state: TrainState):
     return jax.tree_util.tree_map(np.asarray, state)
 
 
+class CheckpointMismatch(records.WorkdirError):
+    """A checkpoint this version cannot resume from; the message says why and what to do."""
+
+
 class CheckpointManager:
     """Keeps the two newest checkpoints under workdir/checkpoints."""
 
@@ -185,8 +189,15 @@ class CheckpointManager:
             return None
         saveable = _to_saveable(template)
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, saveable)
+        saved_fields = self._manager.item_metadata(step)
+        if jax.tree_util.tree_leaves(template.model_state) and "model_state" not in saved_fields:
+            raise CheckpointMismatch(
+                f"{self.directory}: the checkpoint of step {step} was saved before lossland "
+                "kept a model's running statistics (BatchNorm) in its checkpoints, so this "
+                "run cannot resume from it. Start it afresh with --overwrite (or in a new "
+                "--workdir).")
         if not jax.tree_util.tree_leaves(template.model_state) and \
-                "model_state" not in self._manager.item_metadata(step):
+                "model_state" not in saved_fields:
             # Saved before TrainState had model_state: a stateless model's checkpoint
             # holds the same leaves, in the same order, without the empty field.
             abstract = {name: getattr(abstract, name) for name in abstract.__dataclass_fields__

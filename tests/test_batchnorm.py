@@ -368,3 +368,10 @@ def test_a_checkpoint_from_before_model_state_still_restores(tmp_path):
     assert restored.step == 5 and restored.model_state == {}
     for a, b in zip(*map(jax.tree_util.tree_leaves, (restored, state))):
         np.testing.assert_array_equal(a, b)
+    # A BatchNorm run's checkpoint from before then has no running statistics: refused,
+    # with a message that says what to do, not orbax's structure error.
+    stateful = state.replace(model_state={"batch_stats": {"mean": jnp.zeros(2)}})
+    manager = checkpoints.CheckpointManager(tmp_path)
+    with pytest.raises(checkpoints.CheckpointMismatch, match="--overwrite"):
+        manager.restore_latest(stateful)
+    manager.close()
