@@ -208,17 +208,22 @@ def driver_faults(root: Path, kills: int, seed: int, env) -> dict:
     return report
 
 
-def sweep_fault(root: Path, seed: int, env) -> dict:
-    """Kills a smoke sweep once in the middle; the rerun must end with the same summary.json."""
+def sweep_fault(root: Path, seed: int, env, extra_flags=()) -> dict:
+    """Kills a smoke sweep once in the middle; the rerun must end with the same summary.json.
+
+    extra_flags go to every sweep_n launch (e.g. ("--dataset=mnist1d",): the tests run the
+    MNIST-1D arm only, 6 grid points, since the kill and rerun do not depend on the data).
+    """
     rng = np.random.default_rng(seed + 1)
     reference_dir, workdir = root / "sweep_reference", root / "sweep_killed"
-    straight = subprocess.run([sys.executable, "-m", "experiments.sweep_n", *SWEEP_FLAGS,
+    flags_all = (*SWEEP_FLAGS, *extra_flags)
+    straight = subprocess.run([sys.executable, "-m", "experiments.sweep_n", *flags_all,
                                f"--workdir={reference_dir}"], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
     if straight.returncode != 0:
         raise RuntimeError(f"the uninterrupted sweep failed:\n{straight.stderr[-3000:]}")
     points = sorted(p.name for p in (reference_dir / "runs").iterdir())
-    command = (*SWEEP_FLAGS, f"--workdir={workdir}")
+    command = (*flags_all, f"--workdir={workdir}")
     process = launch("experiments.sweep_n", command, root / "sweep_launch0.log", env)
     middle = len(points) // 2 + 1   # kill once the middle point has begun
     runs = workdir / "runs"

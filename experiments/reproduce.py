@@ -41,7 +41,10 @@ PRESETS = {
         "gn": ("experiments.train", [*_SMOKE_RUN, "--lr=0.2", "--steps=20", "--track_every=5",
                                      "--track_k=2", "--lanczos_iters=12", "--track_gn",
                                      "--log_every=5"]),
-        "sweep_n": ("experiments.sweep_n", ["--preset=smoke", "--losses=mse"]),
+        # MNIST-1D only: the smoke sweep's Fashion-MNIST arm runs end to end in
+        # tests/test_sweep_n.py; here it would add 6 runs and a need for the data files.
+        "sweep_n": ("experiments.sweep_n", ["--preset=smoke", "--losses=mse",
+                                            "--dataset=mnist1d"]),
         "sweep_ce": ("experiments.sweep_n", ["--preset=smoke", "--losses=cross_entropy",
                                              "--dataset=mnist1d", "--n_values=64,256"]),
         "subspace": ("experiments.subspace", ["--preset=smoke"]),

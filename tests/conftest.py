@@ -67,9 +67,13 @@ requires_fashion_mnist = pytest.mark.skipif(
 # The longest test files first. `make test` runs pytest-xdist with `--dist loadscope
 # --no-loadscope-reorder`: a module (or a test class) is one unit of work, handed out in
 # collection order to whichever worker is free. Longest first keeps one worker from
-# being left with a long file at the end while the other idles.
+# being left with a long file at the end while the other idles. (The files after
+# test_projections.py: the longest of the rest in the per-test durations of 2026-12-06,
+# so that test_zoo.py and test_tracker.py are no longer handed out last.)
 LONGEST_FIRST = ("test_sharding.py", "test_faults.py", "test_reproduce.py", "test_bad_input.py",
-                 "test_driver.py", "test_sweep_n.py", "test_projections.py")
+                 "test_driver.py", "test_sweep_n.py", "test_projections.py", "test_stream.py",
+                 "test_curvature_toolkit.py", "test_tracker.py", "test_zoo.py", "test_block.py",
+                 "test_plugins.py", "test_batchnorm.py", "test_analyze.py")
 
 
 def pytest_collection_modifyitems(config, items):

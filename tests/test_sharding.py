@@ -9,7 +9,13 @@ multi-host code path; those multi-process checks (kernels, driver with resume,
 a signal to one process) are marked slow and run in `make test-slow` (issue 22).
 This file is also the script those subprocesses run:
 
-    python tests/test_sharding.py OUT.npz [MESH_SIZES [DTYPES]]   # e.g. OUT.npz 4,3 float32
+    python tests/test_sharding.py OUT.npz [MESH_SIZES [DTYPES [KERNELS]]]   # e.g. OUT.npz 4,3 float32
+
+KERNELS is "all" (default) or "core": the kernels `make test` compares, one of each
+family (the objective's loss, gradient, HVP and GN products, the placement, the GD
+step, the Lanczos tracker, train-mode BatchNorm). Compilation is most of the
+subprocess's time, so `make test` compiles the core only; `make test-slow` compares
+every kernel, in float64 on meshes of 4 and 3 and in float32 (issue 22).
 """
 
 from __future__ import annotations
@@ -74,12 +80,16 @@ def _batchnorm_kernels(bn_model, x, y, mesh, put, dtype, v_host) -> dict:
     return out
 
 
-def _compute(out_path: str, mesh_sizes: str = "0", dtypes: str = "float32,float64") -> None:
+def _compute(out_path: str, mesh_sizes: str = "0", dtypes: str = "float32,float64",
+             kernels: str = "all") -> None:
     """Saves every kernel's result, per dtype, for one device ("ref") and per mesh size.
 
     Layouts are named "ref" and "d{N}" (N devices, 0 = all). With several
     processes there is no single-device reference, only the "d0" layout.
+    kernels="core" computes CORE_KERNELS only (`make test`), "all" every kernel.
     """
+    assert kernels in ("core", "all"), kernels
+    every = kernels == "all"
     from lossland import distributed
     multiprocess = distributed.maybe_initialize()
 
@@ -126,22 +136,23 @@ def _compute(out_path: str, mesh_sizes: str = "0", dtypes: str = "float32,float6
             out["loss"], out["accuracy"], out["grad"] = obj.loss_accuracy_grad(params)
             out["hvp"] = obj.hvp(params, v)
             out["gnvp"] = obj.gnvp(params, v)
-            # Block products (3 tangents: v, 2v − 1, v²) in one data pass.
-            block = jax.tree_util.tree_map(lambda t: jnp.stack([t, 2 * t - 1, t * t]), v)
-            out["block_hvp"] = obj.block_hvp(params, block)
-            out["block_gnvp"] = obj.block_gnvp(params, block)
-            # The curvature toolkit (issue 23): a layer's block products, the empirical
-            # Fisher and the Hutch++ trace. (Per-layer and smallest eigenvalues run the
-            # Lanczos checked below on these products: not compiled again here, to keep
-            # this subprocess inside its time limit on a loaded machine.)
-            subset = curvature.select_params(model.params, layer="Dense_0")
-            for product in ("subset_hvp", "subset_gnvp"):
-                fn = getattr(obj, product + "_fn")
-                out[product] = jax.jit(lambda p, v, d: fn(p, subset, v, d))(
-                    params, subset.take(v), full)
-            out["empirical_fisher_vp"] = obj.empirical_fisher_vp(params, v)
-            out["hessian_trace"] = tracking_extras.make_trace(obj, 12)(
-                params, full, jax.random.key(6))["hessian_trace"]
+            if every:
+                # Block products (3 tangents: v, 2v − 1, v²) in one data pass.
+                block = jax.tree_util.tree_map(lambda t: jnp.stack([t, 2 * t - 1, t * t]), v)
+                out["block_hvp"] = obj.block_hvp(params, block)
+                out["block_gnvp"] = obj.block_gnvp(params, block)
+                # The curvature toolkit (issue 23): a layer's block products, the empirical
+                # Fisher and the Hutch++ trace. (Per-layer and smallest eigenvalues run the
+                # Lanczos checked below on these products: not compiled again here, to keep
+                # this subprocess inside its time limit on a loaded machine.)
+                subset = curvature.select_params(model.params, layer="Dense_0")
+                for product in ("subset_hvp", "subset_gnvp"):
+                    fn = getattr(obj, product + "_fn")
+                    out[product] = jax.jit(lambda p, v, d: fn(p, subset, v, d))(
+                        params, subset.take(v), full)
+                out["empirical_fisher_vp"] = obj.empirical_fisher_vp(params, v)
+                out["hessian_trace"] = tracking_extras.make_trace(obj, 12)(
+                    params, full, jax.random.key(6))["hessian_trace"]
             # The two-step placement (chunk on one device, then shard) gives the same loss.
             two_step = sharding.shard_data(objective.chunk_data(
                 x, y, CHUNK, multiple_of=sharding.mesh_size(mesh), dtype=dtype), mesh)
@@ -159,14 +170,15 @@ def _compute(out_path: str, mesh_sizes: str = "0", dtypes: str = "float32,float6
             out["gd_params"], _, gd_metrics = gd_step(params, put(gd.init(model.params)), full)
             out["gd_metrics"] = jnp.stack(list(gd_metrics))
 
-            adam = train.make_optimizer("adam", 1e-3)
-            adam_step = train.make_train_step(obj, adam)
-            source = sharding.MinibatchSource(x, y, config.RunConfig(batch_size=BATCH, seed=0),
-                                              dtype, mesh)
-            p, s = params, put(adam.init(model.params))
-            for step in range(3):
-                p, s, adam_metrics = adam_step(p, s, source.batch(step))
-            out["adam_params"], out["adam_metrics"] = p, jnp.stack(list(adam_metrics))
+            if every:
+                adam = train.make_optimizer("adam", 1e-3)
+                adam_step = train.make_train_step(obj, adam)
+                source = sharding.MinibatchSource(
+                    x, y, config.RunConfig(batch_size=BATCH, seed=0), dtype, mesh)
+                p, s = params, put(adam.init(model.params))
+                for step in range(3):
+                    p, s, adam_metrics = adam_step(p, s, source.batch(step))
+                out["adam_params"], out["adam_metrics"] = p, jnp.stack(list(adam_metrics))
 
             if tracking is not None:  # Lanczos on the HVP, as the runner tracks it
                 tracker = tracking.make_tracker(obj, k=3, num_iters=30, tol=None, track_gn=False,
@@ -176,6 +188,7 @@ def _compute(out_path: str, mesh_sizes: str = "0", dtypes: str = "float32,float6
                     out["lanczos_" + name] = row[name]
                 # ΔL is a difference of two close losses: compare L + ΔL, on the loss's scale.
                 out["lanczos_loss_after_top"] = row["delta_loss_top"] + out["loss"]
+            if tracking is not None and every:
                 block_tracker = tracking.make_tracker(obj, k=3, num_iters=30, tol=None,
                                                       track_gn=False, lr=0.1, tracker="block")
                 row, _ = block_tracker(params, full, jax.random.key(3), None)
@@ -259,16 +272,16 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def kernel_runs(tmp_path_factory):
-    """kernel_runs(dtype): one process with 4 devices, one device's results and meshes of
-    4 and 3, in that dtype; each dtype's process runs once per module."""
+    """kernel_runs(dtype, meshes, kernels): one process with 4 devices, one device's results
+    and those on each mesh size, in that dtype; each setting's process runs once per module."""
     results = {}
 
-    def run(dtype: str, meshes: str = "4,3") -> dict:
-        if (dtype, meshes) not in results:
-            tmp = tmp_path_factory.mktemp(f"sharding_{dtype}")
-            _finish(_spawn(tmp / "local.npz", 4, meshes, dtype))
-            results[dtype, meshes] = dict(np.load(tmp / "local.npz"))
-        return results[dtype, meshes]
+    def run(dtype: str, meshes: str = "4,3", kernels: str = "all") -> dict:
+        if (dtype, meshes, kernels) not in results:
+            tmp = tmp_path_factory.mktemp(f"sharding_{dtype}_{kernels}")
+            _finish(_spawn(tmp / "local.npz", 4, meshes, dtype, kernels))
+            results[dtype, meshes, kernels] = dict(np.load(tmp / "local.npz"))
+        return results[dtype, meshes, kernels]
     return run
 
 
@@ -286,18 +299,23 @@ def multiprocess_kernel_runs(tmp_path_factory):
 
 
 class TestShardedKernels:
-    """float64 kernels in one process with 4 devices (kernel_runs).
+    """float64 kernels in one process with 4 devices (kernel_runs), against one device at
+    1e-10: the strict check.
 
-    `make test` checks every kernel in float64 on a mesh of 3 devices (uneven, padded),
-    against one device at 1e-10: the strict check. The mesh of 4 and the same kernels in
-    float32 (at 1e-5) compile everything again, and run in `make test-slow` (issue 22).
+    `make test` checks the core kernels (CORE_KERNELS: one of each family) on a mesh of 3
+    devices (uneven, padded). `make test-slow` checks every kernel on meshes of 4 and 3
+    (one more process; compilation is most of its time), and the same kernels in float32
+    at 1e-5 (TestShardedKernelsFloat32) (issue 22).
     """
 
-    @pytest.mark.parametrize("num_devices", [3, pytest.param(4, marks=pytest.mark.slow)])
-    def test_sharded_kernels_equal_one_device(self, kernel_runs, num_devices):
+    def test_core_kernels_equal_one_device(self, kernel_runs):
         # The layout under test and one device's results come from one process.
-        results = kernel_runs("float64", str(num_devices))
-        _check_kernels(results, num_devices)
+        _check_kernels(kernel_runs("float64", "3", "core"), 3, CORE_KERNELS)
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("num_devices", [4, 3])
+    def test_sharded_kernels_equal_one_device(self, kernel_runs, num_devices):
+        _check_kernels(kernel_runs("float64", "4,3"), num_devices, ALL_KERNELS)
 
 
 @pytest.mark.slow   # its own unit of work under xdist, beside the float64 class
@@ -307,7 +325,7 @@ class TestShardedKernelsFloat32:
 
     @pytest.mark.parametrize("num_devices", [4, 3])
     def test_sharded_kernels_equal_one_device(self, kernel_runs, num_devices):
-        _check_kernels(kernel_runs("float32", "4,3"), num_devices)
+        _check_kernels(kernel_runs("float32", "4,3"), num_devices, ALL_KERNELS)
 
     def test_two_processes_equal_one_device(self, kernel_runs, multiprocess_kernel_runs):
         """jax.distributed with 2 processes × 2 CPU devices: the multi-host code path."""
@@ -316,18 +334,29 @@ class TestShardedKernelsFloat32:
         assert _compare(results, kernel_runs("float32", "4,3"), "d0") == []
 
 
-def _check_kernels(results: dict, num_devices: int) -> None:
+# What _compute(kernels="core") saves: one kernel of each family. "all" adds the rest.
+CORE_KERNELS = {"loss", "accuracy", "grad", "hvp", "gnvp", "loss_two_step", "gd_params",
+                "gd_metrics", "lanczos_eigenvalues", "lanczos_chi_1", "lanczos_chi_k",
+                "lanczos_loss_after_top"}
+ALL_KERNELS = CORE_KERNELS | {
+    "block_hvp", "block_gnvp", "subset_hvp", "subset_gnvp", "empirical_fisher_vp",
+    "hessian_trace", "adam_params", "adam_metrics", "block_eigenvalues", "stream_params",
+    "stream_metrics", "stream_eigenvalues", "stream_chi_k"}
+BATCHNORM_KERNELS = {"bn_loss", "bn_grad", "bn_hvp", "bn_running_stats", "bn_step_params",
+                     "bn_step_running_stats"}   # float64 only
+
+
+def _check_kernels(results: dict, num_devices: int, expected: set[str]) -> None:
     """Every kernel on `num_devices` devices equals one device's, and none is missing."""
     assert int(results["num_devices"]) == 4
     assert _compare(results, results, f"d{num_devices}") == []
-    names = {name.split("/")[2] for name in results if name.count("/") == 2}
-    expected = {"loss", "accuracy", "grad", "hvp", "gnvp", "loss_two_step", "gd_params",
-                "gd_metrics", "adam_params", "adam_metrics", "subset_hvp", "subset_gnvp",
-                "empirical_fisher_vp", "hessian_trace"}
-    assert expected <= names, expected - names
-    assert "lanczos_eigenvalues" in names, (
-        "lossland.tracking (the Lanczos tracker) did not import")
-    assert {"stream_params", "stream_eigenvalues"} <= names
+    for dtype_name in {name.split("/")[0] for name in results if name.count("/") == 2}:
+        names = {name.split("/")[2] for name in results
+                 if name.startswith(f"{dtype_name}/d{num_devices}/")}
+        want = expected | (BATCHNORM_KERNELS if dtype_name == "float64" else set())
+        assert "lanczos_eigenvalues" in names, (
+            "lossland.tracking (the Lanczos tracker) did not import")
+        assert names == want, (dtype_name, want ^ names)
 
 
 def _records(workdir: Path) -> list[dict]:
@@ -374,7 +403,7 @@ DRIVER_FLAGS = ["--n_train=70", "--chunk_size=32", "--width=16", "--depth=1", "-
 def _driver(workdir: Path, num_devices: int, *flags: str, **extra) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "experiments.train", *DRIVER_FLAGS, f"--workdir={workdir}",
-         *flags], cwd=REPO, env=_env(num_devices, **extra),
+         *flags], cwd=REPO, env=_env(num_devices, fast_compile=True, **extra),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -387,11 +416,9 @@ def _driver_processes(workdir: Path, *flags: str, count: int = 2) -> list[subpro
 
 @pytest.fixture(scope="module")
 def driver_runs(tmp_path_factory):
-    """Three runs of the same 4 steps, started together: float32 on 1 and on 4 devices,
-    float64 on 4 devices."""
+    """Two runs of the same 4 steps, started together: float32 on 1 and on 4 devices."""
     tmp = tmp_path_factory.mktemp("driver")
-    workdirs = {key: tmp / f"{key[0]}_{key[1]}" for key in
-                (("float32", 1), ("float32", 4), ("float64", 4))}
+    workdirs = {key: tmp / f"{key[0]}_{key[1]}" for key in (("float32", 1), ("float32", 4))}
     processes = [_driver(workdirs[dtype, devices], devices, f"--dtype={dtype}", "--steps=4",
                          f"--num_devices={devices}") for dtype, devices in workdirs]
     for process in processes:
@@ -411,16 +438,13 @@ def multiprocess_driver_run(tmp_path_factory):
 
 
 class TestShardedDriver:
-    """The driver on 1 and 4 devices (driver_runs); on 2 processes × 2 devices (slow)."""
+    """The driver on 1 and 4 devices (driver_runs); in float64 on 4 devices and on 2
+    processes × 2 devices (slow)."""
 
     def test_driver_records_do_not_depend_on_device_count(self, driver_runs):
         """experiments.train with --num_devices=4 writes the records of --num_devices=1.
 
-        n=70 in chunks of 32 is padded on 4 devices. A float64 run on 4 devices
-        checks that --dtype=float64 works on CPU (its kernels are compared with one
-        device's at 1e-10 above): its trajectory agrees with the float32 run to
-        float32 rounding. (Its tracked eigenvectors need not: 12 Lanczos steps
-        leave them unconverged, and float32 and float64 Krylov bases part ways.)
+        n=70 in chunks of 32 is padded on 4 devices.
         """
         for (dtype, devices), workdir in driver_runs.items():
             config = json.loads((workdir / "config.json").read_text())
@@ -429,9 +453,24 @@ class TestShardedDriver:
         assert one[-1]["status"] == "finished" and len(one) == 5
         assert sum("eigenvalues" in row for row in one) == 3
         _assert_rows_close(_records(driver_runs["float32", 4]), one, 1e-5)
+
+    @pytest.mark.slow   # one more driver process; float64 drivers run in make test too
+    def test_float64_driver_on_four_devices_follows_the_float32_run(self, driver_runs,
+                                                                     tmp_path):
+        """A float64 run on 4 devices checks that --dtype=float64 works sharded on CPU (its
+        kernels are compared with one device's at 1e-10 above; tests/test_analyze.py runs
+        the float64 driver on one device in `make test`): its trajectory agrees with the
+        float32 run to float32 rounding. (Its tracked eigenvectors need not: 12 Lanczos
+        steps leave them unconverged, and float32 and float64 Krylov bases part ways.)
+        """
+        workdir = tmp_path / "float64_4"
+        _finish(_driver(workdir, 4, "--dtype=float64", "--steps=4", "--num_devices=4"))
+        config = json.loads((workdir / "config.json").read_text())
+        assert config["num_devices"] == 4 and config["flags"]["dtype"] == "float64"
         trajectory = {"step", "loss", "accuracy", "grad_norm", "param_norm", "update_norm", "lr",
                       "status", "stop_reason"}
-        _assert_rows_close(_records(driver_runs["float64", 4]), one, 1e-5, keys=trajectory)
+        _assert_rows_close(_records(workdir), _records(driver_runs["float32", 1]), 1e-5,
+                           keys=trajectory)
 
 
     @pytest.mark.slow   # four more driver processes (issue 22)
