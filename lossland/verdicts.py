@@ -332,9 +332,8 @@ def _eta_scaling_lines(summary: dict) -> list[str]:
         fit = scan.get("fit") or {}
         lines.append(
             f"Scaling with η, **{scan['setting']}** (N = {scan.get('n')}, η ∈ "
-            f"{scan.get('lrs')}): the late |s*| along v1 goes as η^{fmt(fit.get('slope'), 2)} "
-            f"{fmt_interval(fit.get('ci_low'), fit.get('ci_high'))} "
-            f"({interval_sign(fit.get('ci_low'), fit.get('ci_high'))}); medians "
+            f"{scan.get('lrs')}, {scan.get('runs')} runs at the edge of stability): the late "
+            f"|s*| along v1 goes as η^{fmt(fit.get('slope'), 2)} {_eta_interval(fit)}; medians "
             f"{[fmt(v, 3) for v in scan.get('late_medians', [])]}; in step lengths "
             f"{[fmt(v, 3) for v in scan.get('late_steps_medians', [])]}.")
         lines.append("")
@@ -403,6 +402,17 @@ def _c2_number(group: dict) -> str:
             f"oscillating {c2.get('runs_oscillating', 'n/a')} runs, aligned {aligned}")
 
 
+def _eta_interval(fit: dict) -> str:
+    """The η fit's interval: the seed-bootstrap hull when every η has ≥ 2 seeds, else the
+    OLS t-interval of the per-η means alone, labelled as such."""
+    if _finite(fit.get("ci_low")):
+        return (f"{fmt_interval(fit.get('ci_low'), fit.get('ci_high'))} "
+                f"({interval_sign(fit.get('ci_low'), fit.get('ci_high'))})")
+    return (f"{fmt_interval(fit.get('ols_ci_low'), fit.get('ols_ci_high'))} (OLS over the "
+            "per-η means only: some η has a single run at the edge of stability, so there "
+            "is no seed bootstrap)")
+
+
 def glance_rows(summary: dict, *, label: str = "") -> list[list]:
     """C1 and C2 rows of the verdicts-at-a-glance table from one sweep's summary.json; an
     arm that scans η at one N (role "eta_scan") has its own row, the η-scaling fit."""
@@ -418,8 +428,9 @@ def glance_rows(summary: dict, *, label: str = "") -> list[list]:
     for scan in summary.get("eta_scaling") or []:
         fit = scan.get("fit") or {}
         rows.append(["C2 (η)", f"{scan['setting']}, N = {scan['n']}", "measured",
-                     f"late |s*| ∝ η^{fmt(fit.get('slope'))} "
-                     f"{fmt_interval(fit.get('ci_low'), fit.get('ci_high'))}, η ∈ {scan['lrs']}",
+                     f"late |s*| ∝ η^{fmt(fit.get('slope'))} {_eta_interval(fit)}, η ∈ "
+                     f"{scan['lrs']}; in step lengths "
+                     f"{[fmt(v) for v in scan.get('late_steps_medians', [])]}",
                      f"{scan.get('runs')} at EoS"])
     return rows
 
