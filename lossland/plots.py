@@ -265,28 +265,33 @@ def plot_scaling_summary(summary: dict, out_dir: Path) -> list[Path]:
     dataset/model/loss; per-seed values as dots, the per-N center as a line. Only runs at the
     edge of stability are fitted (see `lossland.scaling.summarize_group`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Arms that run one N (role "eta_scan") have no N-fit to draw.
+    groups = [g for g in summary["groups"] if g.get("role", "n_sweep") == "n_sweep"]
     panel_of = lambda g: (g["dataset"], g.get("model", "mlp"), g["loss"])
-    panels = sorted({panel_of(g) for g in summary["groups"]})
+    panels = sorted({panel_of(g) for g in groups})
     written = []
     for key, meta in summary["quantities"].items():
         fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
         drew = False
         for ax, panel in zip(axes[0], panels):
-            for index, group in enumerate(g for g in summary["groups"] if panel_of(g) == panel):
+            for index, group in enumerate(g for g in groups if panel_of(g) == panel):
                 fit = group["quantities"].get(key)
                 if not fit:
                     continue
                 color = f"C{index}"
                 for values in fit["values"].values():
                     ax.plot(fit["all_n"], values, "o", color=color, alpha=0.35, ms=4)
-                label = (f"{group['activation']}: slope {verdicts.fmt(fit['slope'])} "
+                arm = group.get("arm") or group.get("model", "mlp")
+                name = (group["activation"] if arm == group.get("model", "mlp")
+                        else f"{arm}, {group['activation']}")
+                label = (f"{name}: slope {verdicts.fmt(fit['slope'])} "
                          f"{verdicts.fmt_interval(fit['ci_low'], fit['ci_high'])}")
                 ax.plot(fit["n"], fit["center"], "-", color=color, lw=1.6, label=label)
                 drew = True
             ax.set_xscale("log")
             if meta["scale"] == "log":
                 ax.set_yscale("log")
-            sizes = sorted({n for g in summary["groups"]
+            sizes = sorted({n for g in groups
                             for n in g["quantities"].get(key, {}).get("all_n", [])})
             ax.set_xticks(sizes, [str(n) for n in sizes], fontsize=7)
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
