@@ -436,10 +436,21 @@ def summarize(rows: list[dict], settings: dict) -> dict:
 
 
 def _arm_text(arm: dict, dataset: str) -> str:
-    return (f"{dataset}: {arm['model'].upper()} {arm['depth']}×{arm['width']}, η = {arm['lr']}, "
+    name = arm_name(arm)
+    label = f"{dataset}/{name}" if name != _model_of(arm) else dataset
+    return (f"{label}: {arm['model'].upper()} {arm['depth']}×{arm['width']}, η = {arm['lr']}, "
             f"losses {', '.join(arm['losses'])}, activations {', '.join(arm['activations'])}, "
             f"N ∈ {arm['n_values']}, hold {arm['hold_steps']} steps, cap {arm['max_steps']} "
             f"steps")
+
+
+def _probe_range_text(s: dict) -> str:
+    steps, theta = s.get("probe_s_max_steps") or 0, s.get("probe_s_max_theta") or 0
+    if not steps and not theta:
+        return f"{s['probe_s_max']}"
+    return (f"max({steps:g} GD step lengths η‖∇L‖, {theta:g}·‖θ‖) at each probed iterate"
+            + (" (periodic probes only from the entry into the edge of stability on)"
+               if s.get("probe_from_eos") else ""))
 
 
 def setup_text(s: dict) -> str:
@@ -449,7 +460,7 @@ def setup_text(s: dict) -> str:
             f"the edge of stability for its arm's hold (entered at the first upward "
             f"crossing of λ1·η/2 = {rule.threshold}, then the median of λ1·η/2 over "
             f"{rule.window} tracked steps inside [{rule.band[0]}, {rule.band[1]}]), or at its "
-            f"cap; probes of {s['probe_points']} points on ±{s['probe_s_max']} "
+            f"cap; probes of {s['probe_points']} points on ±{_probe_range_text(s)} "
             f"along v1, the gradient, the last step and {s['num_random_directions']} random "
             f"direction(s); {s['num_bootstrap']} bootstrap resamples.")
 
