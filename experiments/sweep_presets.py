@@ -139,8 +139,14 @@ PRESETS = {
     # of ~500 steps. N = 16384: entry 250, held 500 steps by step 950 (loss 0.83). Hold
     # 150 steps (the trailing median spans 125), track every 25; the cap stops a run whose
     # window closed before its hold was met (counted, not fitted).
+    # First decade run (2026-12-07, N = 256–16384, docs/results/2026-12-07-decade-cpu/
+    # sweep_ce_first_*): 15 of 21 runs held; at N = 256 and 512 none did: λ1·η/2 peaked at
+    # 0.71–1.02 near steps 100–200 and fell as the loss went to 0, before any run held the
+    # band for 150 steps. Small N has no edge-of-stability window under cross-entropy at
+    # this η, so the arm now spans N = 1024–65536 (64×, 7 sizes), where it had one; the C1
+    # and C2 rules are unchanged.
     "decade_ce": dict(dataset=["mnist1d"], losses=["cross_entropy"], activations=["relu"],
-                      n_values=[256, 512, 1024, 2048, 4096, 8192, 16384], seeds=[0, 1, 2],
+                      n_values=[1024, 2048, 4096, 8192, 16384, 32768, 65536], seeds=[0, 1, 2],
                       width=64, depth=2, lr=0.2, max_steps=3000, hold_steps=150,
                       track_every=25, probe_every=100, probe_from_eos=True, track_k=1,
                       lanczos_iters=12, probe_points=33, num_random_directions=1,
