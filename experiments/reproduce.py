@@ -84,7 +84,7 @@ COMPLETE = "COMPLETE.json"
 
 flags.DEFINE_string("workdir", "runs/reproduce", "Folder for every experiment and REPORT.md.")
 flags.DEFINE_enum("preset", "quick", list(PRESETS), "smoke (tests, ~minutes), quick (54 min "
-                  "on 2 CPU cores, 2026-12-06), decade (two decades of N, ~2 h on 2 CPU "
+                  "on 2 CPU cores, 2026-12-06), decade (two decades of N, ~1 h on 2 CPU "
                   "cores), full (accelerators).")
 flags.DEFINE_boolean("overwrite", False, "Start every experiment afresh.")
 flags.DEFINE_list("only", [], f"Run only these experiments (of {EXPERIMENTS}); the report "
