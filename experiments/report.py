@@ -71,17 +71,23 @@ def gn_summary(rows: list[dict]) -> dict | None:
     }
 
 
+def c3_judgement(run: dict) -> tuple:
+    """(median λ1·η/2, median χ_1, at the edge, concentrated) over one EoS run's last half,
+    by the rules of the module docstring; the ratio is None without tracked rows."""
+    ratio, chi1 = run.get("median_stability_ratio_last_half"), run.get("median_chi_1_last_half")
+    at_edge = ratio is not None and EOS_BAND[0] <= ratio <= EOS_BAND[1]
+    concentrated = chi1 is not None and chi1 >= CHI1_CONCENTRATED
+    return ratio, chi1, at_edge, concentrated
+
+
 def c3_verdict_lines(eos_summary: dict | None, gn: dict | None) -> list[str]:
     """One verdict line per lr, and one for the Gauss–Newton split, from the numbers."""
     lines = []
     for run in (eos_summary or {}).get("runs", {}).values():
-        ratio, chi1 = run.get("median_stability_ratio_last_half"), run.get(
-            "median_chi_1_last_half")
+        ratio, chi1, at_edge, concentrated = c3_judgement(run)
         if ratio is None:
             lines.append(f"C3 η={run['lr']:g}: no tracked rows; nothing to judge.")
             continue
-        at_edge = EOS_BAND[0] <= ratio <= EOS_BAND[1]
-        concentrated = chi1 is not None and chi1 >= CHI1_CONCENTRATED
         entered = run.get("entry_step")
         after_ratio, after_chi1 = (run.get("median_stability_ratio_after_entry"),
                                    run.get("median_chi_1_after_entry"))
@@ -220,12 +226,9 @@ def c3_glance_rows(eos_summary: dict | None, gn: dict | None) -> list[list]:
     Gauss–Newton split; the same rules as `c3_verdict_lines`."""
     rows = []
     for run in (eos_summary or {}).get("runs", {}).values():
-        ratio, chi1 = (run.get("median_stability_ratio_last_half"),
-                       run.get("median_chi_1_last_half"))
+        ratio, chi1, at_edge, concentrated = c3_judgement(run)
         if ratio is None:
             continue
-        at_edge = EOS_BAND[0] <= ratio <= EOS_BAND[1]
-        concentrated = chi1 is not None and chi1 >= CHI1_CONCENTRATED
         verdict = ("for" if at_edge and concentrated else
                    "against" if not at_edge and not concentrated else "partly")
         rows.append(["C3", f"EoS sweep, η = {run['lr']:g}", verdict,

@@ -74,9 +74,9 @@ QUICK = {
 }
 PRESETS = {
     "quick": QUICK,
-    # "quick" in the decade sweep's warm-up setting (issue 25): MNIST-1D n=1024, MLP 2×64
-    # ReLU, MSE, lr=0.1 entered the edge of stability at step 2150, 3350 and 2900 for
-    # seeds 0, 1 and 2 (BUILD_NOTES), hence the cap of 6000.
+    # "quick" on the decade sweep's network (issue 25) at its η = 0.1 scan arm's setting:
+    # MNIST-1D n=1024, MLP 2×64 ReLU, MSE, lr=0.1 entered the edge of stability at step
+    # 2150, 3350 and 2900 for seeds 0, 1 and 2 (BUILD_NOTES), hence the cap of 6000.
     "decade": {**QUICK, "run": dict(QUICK["run"], n_train=1024, width=64, lr=0.1),
                "warmup_max_steps": 6000},
     "smoke": {
@@ -92,8 +92,8 @@ PRESETS = {
 flags.DEFINE_string("workdir", "runs/subspace", "Output folder (warmup/, variants/, "
                     "summary.json, verdict.md, loss_overlay.png).")
 flags.DEFINE_enum("preset", "quick", sorted(PRESETS), "quick: the default run, ≤ 10 min on "
-                  "2 CPU cores; decade: the decade sweep's warm-up setting (MNIST-1D n=1024, "
-                  "MLP 2×64, lr=0.1), about 3 min a seed; smoke: a tiny run for tests.")
+                  "2 CPU cores; decade: the decade sweep's network at its "
+                  "η = 0.1 scan arm (MNIST-1D n=1024, MLP 2×64, lr=0.1), about 3 min a seed; smoke: a tiny run for tests.")
 flags.DEFINE_boolean("overwrite", False, "Replace the records of an existing --workdir.")
 flags.DEFINE_enum("start", "eos", ["eos", "init"], "Shared start: the edge-of-stability point "
                   "of a GD warm-up (eos) or the initialization (init).")

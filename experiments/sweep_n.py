@@ -278,21 +278,17 @@ def describe_grid(settings: dict, points: list[GridPoint]) -> str:
             runs = [p for p in points if p.dataset == dataset and p.arm_name == name]
             costs = [estimated_seconds(arm, p.n) for p in runs]
             known = sum(c for c in costs if c is not None)
-            unmeasured += sum(c is None for c in costs)
+            missing = sum(c is None for c in costs)
+            unmeasured += missing
             total += known
-            probe = (f"probe ±max({arm.get('probe_s_max_steps', 0):g} step lengths, "
-                     f"{arm.get('probe_s_max_theta', 0):g}·‖θ‖)"
-                     if arm.get("probe_s_max_steps") or arm.get("probe_s_max_theta")
-                     else f"probe ±{arm['probe_s_max']:g}")
+            norm = f" norm={arm['norm']}" if arm.get("norm", "none") != "none" else ""
             lines.append(
-                f"{dataset}/{name}: {arm['model']} {arm['depth']}×{arm['width']}"
-                + (f" norm={arm['norm']}" if arm.get("norm", "none") != "none" else "")
-                + f", chunk {arm['chunk_size']}, η = {arm['lr']}, losses {','.join(arm['losses'])}, activations "
-                f"{','.join(arm['activations'])}, N = {sorted({p.n for p in runs})}, seeds "
-                f"{settings['seeds']}, hold {arm['hold_steps']}, cap {arm['max_steps']}, "
-                f"{probe}: {len(runs)} runs, ~{known / 60:.0f} min"
-                + (f" ({sum(c is None for c in costs)} runs unmeasured)"
-                   if None in costs else ""))
+                f"{dataset}/{name}: {arm['model']} {arm['depth']}×{arm['width']}{norm}, "
+                f"chunk {arm['chunk_size']}, η = {arm['lr']}, losses {','.join(arm['losses'])}, "
+                f"activations {','.join(arm['activations'])}, N = {sorted({p.n for p in runs})}, "
+                f"seeds {settings['seeds']}, hold {arm['hold_steps']}, cap {arm['max_steps']}, "
+                f"probe ±{scaling.probe_range_text(arm)}: {len(runs)} runs, "
+                f"~{known / 60:.0f} min" + (f" ({missing} runs unmeasured)" if missing else ""))
     lines.append(f"total: {len(points)} runs, ~{total / 60:.0f} min estimated"
                  + (f" plus {unmeasured} unmeasured runs" if unmeasured else "")
                  + (f" ({settings['cost_note']})" if settings.get("cost_note") else ""))

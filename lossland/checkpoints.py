@@ -18,6 +18,7 @@ Must not: decide when to save or whether to resume (loop.py, lifecycle.py).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -100,24 +101,27 @@ def read_params(directory: Path, step: int) -> dict:
 
     Reads only the params subtree (orbax partial restore), at their saved dtype.
     """
-    manager = ocp.CheckpointManager(Path(directory).resolve(),
-                                    item_handlers=ocp.PyTreeCheckpointHandler())
-    try:
+    with _pytree_manager(directory) as manager:
         abstract = {"params": params_metadata(manager, step)}
         restored = manager.restore(step, args=ocp.args.PyTreeRestore(
             item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
             partial_restore=True))
-    finally:
-        manager.close()
     return restored["params"]
 
 
 def params_shapes(directory: Path, step: int):
     """The params of the checkpoint of `step` as jax.ShapeDtypeStruct leaves (metadata only)."""
+    with _pytree_manager(directory) as manager:
+        return params_metadata(manager, step)
+
+
+@contextlib.contextmanager
+def _pytree_manager(directory: Path):
+    """A read-only orbax manager over a checkpoints folder, closed on exit."""
     manager = ocp.CheckpointManager(Path(directory).resolve(),
                                     item_handlers=ocp.PyTreeCheckpointHandler())
     try:
-        return params_metadata(manager, step)
+        yield manager
     finally:
         manager.close()
 
@@ -189,17 +193,16 @@ class CheckpointManager:
             return None
         saveable = _to_saveable(template)
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, saveable)
-        saved_fields = self._manager.item_metadata(step)
-        if jax.tree_util.tree_leaves(template.model_state) and "model_state" not in saved_fields:
-            raise CheckpointMismatch(
-                f"{self.directory}: the checkpoint of step {step} was saved before lossland "
-                "kept a model's running statistics (BatchNorm) in its checkpoints, so this "
-                "run cannot resume from it. Start it afresh with --overwrite (or in a new "
-                "--workdir).")
-        if not jax.tree_util.tree_leaves(template.model_state) and \
-                "model_state" not in saved_fields:
-            # Saved before TrainState had model_state: a stateless model's checkpoint
-            # holds the same leaves, in the same order, without the empty field.
+        if "model_state" not in self._manager.item_metadata(step):
+            # Saved before TrainState had model_state. A stateless model's checkpoint holds
+            # the same leaves, in the same order, without the empty field; a BatchNorm
+            # model's lacks its running statistics and cannot resume.
+            if jax.tree_util.tree_leaves(template.model_state):
+                raise CheckpointMismatch(
+                    f"{self.directory}: the checkpoint of step {step} was saved before "
+                    "lossland kept a model's running statistics (BatchNorm) in its "
+                    "checkpoints, so this run cannot resume from it. Start it afresh with "
+                    "--overwrite (or in a new --workdir).")
             abstract = {name: getattr(abstract, name) for name in abstract.__dataclass_fields__
                         if name != "model_state"}
         restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))

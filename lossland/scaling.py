@@ -444,7 +444,8 @@ def _arm_text(arm: dict, dataset: str) -> str:
             f"steps")
 
 
-def _probe_range_text(s: dict) -> str:
+def probe_range_text(s: dict) -> str:
+    """The probe half-range of settings `s`, in words (fixed, or tied to the run)."""
     steps, theta = s.get("probe_s_max_steps") or 0, s.get("probe_s_max_theta") or 0
     if not steps and not theta:
         return f"{s['probe_s_max']}"
@@ -460,7 +461,7 @@ def setup_text(s: dict) -> str:
             f"the edge of stability for its arm's hold (entered at the first upward "
             f"crossing of λ1·η/2 = {rule.threshold}, then the median of λ1·η/2 over "
             f"{rule.window} tracked steps inside [{rule.band[0]}, {rule.band[1]}]), or at its "
-            f"cap; probes of {s['probe_points']} points on ±{_probe_range_text(s)} "
+            f"cap; probes of {s['probe_points']} points on ±{probe_range_text(s)} "
             f"along v1, the gradient, the last step and {s['num_random_directions']} random "
             f"direction(s); {s['num_bootstrap']} bootstrap resamples.")
 
