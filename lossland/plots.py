@@ -288,6 +288,9 @@ def plot_scaling_summary(summary: dict, out_dir: Path) -> list[Path]:
                          f"{verdicts.fmt_interval(fit['ci_low'], fit['ci_high'])}")
                 ax.plot(fit["n"], fit["center"], "-", color=color, lw=1.6, label=label)
                 drew = True
+            if key == "probe_grad_excess" and drew:
+                # A quadratic of the iterate's sharpness keeps the ratio ≤ 1 at any range.
+                ax.axhline(1.0, ls=":", color="k", lw=1, label="quadratic bound")
             ax.set_xscale("log")
             if meta["scale"] == "log":
                 ax.set_yscale("log")

@@ -23,6 +23,7 @@ from lossland.fits import finite_or_nan, fit_scaling, nanmax, nanmean, nanmedian
 # "linear": exponents (which may be ≤ 0), fitted against log10 N.
 QUANTITIES = {
     "grad_norm": ("‖∇L‖ at the iterate", "log"),
+    "probe_grad_excess": ("max ‖∇L‖ along all probes / (‖∇L‖ + λ1·s_max)", "log"),
     "probe_max_grad_norm": ("max ‖∇L‖ along all probes", "log"),
     "probe_max_curvature": ("max curvature uᵀHu along all probes", "log"),
     "probe_v1_max_grad_norm": ("max ‖∇L‖ along v1", "log"),
@@ -167,6 +168,8 @@ def run_row(point: GridPoint, run_dir: Path, settings: dict) -> dict:
                                           for d in directions)
         row[f"probe_rand_{quantity}"] = nanmax(final.get(f"probe_{d}_{quantity}")
                                                for d in randoms)
+    row["probe_grad_excess"] = gradient_excess(row["probe_max_grad_norm"], row["grad_norm"],
+                                               lambda1, s_max)
     for d in ("v1", "grad", "disp"):
         for kind in ("slope", "curvature"):
             row[f"probe_{d}_{kind}_exponent"] = nanmean(
@@ -194,8 +197,32 @@ def run_row(point: GridPoint, run_dir: Path, settings: dict) -> dict:
     return records.to_jsonable(row)
 
 
+def gradient_excess(max_grad_norm, grad_norm, lambda1, s_max) -> float:
+    """The largest probed ‖∇L‖ over the most a quadratic of the iterate's sharpness allows.
+
+    For L quadratic with Hessian H of spectral radius λ1, ∇L(θ + s·u) = ∇L(θ) + s·H·u, so
+    ‖∇L(θ + s·u)‖ ≤ ‖∇L(θ)‖ + λ1·|s| along every unit direction u: over probes of
+    half-range s_max the ratio is ≤ 1, whatever s_max is. Third-order terms push it above 1;
+    a point within the range where the gradient is unbounded (C1) makes it unbounded. (At
+    the edge of stability λ1 ≈ 2/η is the spectral radius; a λ_min with |λ_min| > λ1 could
+    reach 1 + |λ_min|/λ1 without any singularity.) NaN when a number is missing.
+    """
+    peak, g, lam, s = (finite_or_nan(x) for x in (max_grad_norm, grad_norm, lambda1, s_max))
+    bound = g + lam * s
+    return peak / bound if bound > 0 else float("nan")
+
+
 # A group's C1 verdict from the reading of its primary quantity (`verdicts.describe_trend`).
-C1_PRIMARY = "probe_max_grad_norm"
+# C1's rule, version 2, fixed on 2026-12-07 before the confirmatory decade runs (seeds 3–5).
+# Version 1 fitted max ‖∇L‖ along the probes itself. With probe ranges tied to the run
+# (s_max = 16 GD step lengths η‖∇L‖) that number is about λ1·s_max: λ1 ≈ 2/η is pinned by
+# the edge of stability, so it tracked the probe range, i.e. ‖∇L‖ at the iterate (decade
+# run, seeds 0–2: N^−0.81 against s_max ∝ N^−0.65 for MNIST-1D ReLU), and its per-N scatter
+# was the scatter of ‖∇L‖ (95% half-widths 0.18–0.77). Version 2 fits `gradient_excess`,
+# which a smooth quadratic holds ≤ 1 for any s_max and a singular point inside the range
+# drives without bound; C1 predicts it grows with N. The reading rules are unchanged.
+C1_PRIMARY = "probe_grad_excess"
+C1_RULE = {"version": 2, "primary": C1_PRIMARY}
 C1_VERDICT_OF_READING = {"growing": "for", "falling": "against", "flat": "against",
                          "saturating": "against", "unresolved": "inconclusive",
                          "undetermined": "inconclusive"}
@@ -426,6 +453,7 @@ def summarize(rows: list[dict], settings: dict) -> dict:
         "eos_threshold": rule.threshold, "eos_band": list(rule.band), "eos_window": rule.window,
         "hold_steps": settings["hold_steps"], "max_steps": settings["max_steps"],
         "min_sizes_at_eos": MIN_SIZES_AT_EOS, "c2_control_fraction": C2_CONTROL_FRACTION,
+        "c1_rule": C1_RULE,
         "c2_rule": {"version": 2, "close_steps": C2_CLOSE_STEPS,
                     "oscillation_alignment": C2_OSCILLATION_ALIGNMENT,
                     "control_fraction": C2_CONTROL_FRACTION},

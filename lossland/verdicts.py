@@ -132,7 +132,9 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
 # Claims C1 and C2 from a dataset-size sweep summary
 # ----------------------------------------------------------------------------
 
-C1_QUANTITIES = ("probe_max_grad_norm", "probe_max_curvature", "grad_norm")
+C1_QUANTITIES = ("probe_grad_excess", "probe_max_grad_norm", "probe_max_curvature",
+                 "grad_norm")
+C1_PRIMARY_BEFORE_RULE_2 = "probe_max_grad_norm"   # summaries without a "c1_rule" key
 C1_READING_TEXT = {
     "growing": "grows with N over the whole range and is still growing at the largest N: "
                "consistent with C1",
@@ -172,9 +174,24 @@ def _stop_note(group: dict) -> str:
     return note
 
 
+C1_RULE_TEXT = {
+    "probe_grad_excess": "The verdict is decided on the gradient excess (C1 rule version 2): "
+    "the largest ‖∇L‖ along the probes over ‖∇L(θ)‖ + λ1·s_max, the most a quadratic of the "
+    "iterate's sharpness λ1 allows over the probe half-range s_max. A smooth landscape keeps "
+    "it near or below 1 whatever the range; a point within the range where the gradient is "
+    "unbounded drives it without bound. Version 1 decided on the largest ‖∇L‖ itself, which "
+    "with probe ranges tied to the GD step length tracks that range (≈ λ1·s_max); it is still "
+    "fitted below.",
+    "probe_max_grad_norm": "The verdict is decided on the largest ‖∇L‖ along the probes "
+    "(C1 rule version 1).",
+}
+
+
 def c1_verdict(summary: dict, quantities: Sequence[str] = C1_QUANTITIES) -> str:
-    """Markdown for claim C1: does the gradient (and curvature) near θ* grow with N?"""
-    conf = summary.get("confidence", 0.95)
+    """Markdown for claim C1: does the gradient (and curvature) near θ* grow with N? The
+    summary's primary quantity (`c1_primary`) is listed first and contrasted across groups."""
+    conf, primary = summary.get("confidence", 0.95), c1_primary(summary)
+    quantities = [primary] + [q for q in quantities if q != primary]
     labels = {k: v.get("label", k) for k, v in summary.get("quantities", {}).items()}
     lines = ["## C1 Formation: does the largest gradient grow with the training-set size N?", "",
              "C1 predicts growth without bound: a positive log–log slope against N whose "
@@ -182,7 +199,8 @@ def c1_verdict(summary: dict, quantities: Sequence[str] = C1_QUANTITIES) -> str:
              "landscape predicts saturation. Each interval is the hull of a bootstrap interval "
              "over seeds (seeds resampled within each N) and the OLS t-interval of the per-N "
              "means, so that neither seed noise nor scatter about the power law is ignored; the "
-             "tail fit repeats the fit over the largest N values.",
+             "tail fit repeats the fit over the largest N values. "
+             + C1_RULE_TEXT.get(primary, f"The verdict is decided on {primary}."),
              ""]
     for group in _groups(summary):
         lines.append(f"**{_group_title(group)}**: C1 verdict **{group.get('verdict', 'n/a')}** "
@@ -377,13 +395,22 @@ def sweep_verdict(summary: dict, *, title: Optional[str] = None) -> str:
 GLANCE_HEADER = ["claim", "group", "verdict", "deciding number", "runs at EoS / total"]
 
 
-def _c1_number(group: dict, confidence: float) -> str:
-    fit = group.get("quantities", {}).get("probe_max_grad_norm")
+def c1_primary(summary: dict) -> str:
+    """The quantity a summary's C1 verdicts were decided on (`scaling.C1_RULE`)."""
+    return (summary.get("c1_rule") or {}).get("primary", C1_PRIMARY_BEFORE_RULE_2)
+
+
+C1_NUMBER_LABEL = {"probe_grad_excess": "max ‖∇L‖ along probes / (‖∇L‖ + λ1·s_max)",
+                   "probe_max_grad_norm": "max ‖∇L‖ along probes"}
+
+
+def _c1_number(group: dict, confidence: float, primary: str) -> str:
+    fit = group.get("quantities", {}).get(primary)
     if not fit:
         return "no fit"
     half = (fit["ci_high"] - fit["ci_low"]) / 2 if _finite(fit.get("ci_low")) and \
         _finite(fit.get("ci_high")) else float("nan")
-    return (f"max ‖∇L‖ along probes ∝ N^{fmt(fit.get('slope'))} "
+    return (f"{C1_NUMBER_LABEL.get(primary, primary)} ∝ N^{fmt(fit.get('slope'))} "
             f"{fmt_interval(fit.get('ci_low'), fit.get('ci_high'))} ({100 * confidence:.0f}%, "
             f"half-width {fmt(half)}), N = {fit.get('all_n', [None])[0]}–"
             f"{fit.get('all_n', [None])[-1]}")
@@ -416,14 +443,15 @@ def _eta_interval(fit: dict) -> str:
 def glance_rows(summary: dict, *, label: str = "") -> list[list]:
     """C1 and C2 rows of the verdicts-at-a-glance table from one sweep's summary.json; an
     arm that scans η at one N (role "eta_scan") has its own row, the η-scaling fit."""
-    conf = summary.get("confidence", 0.95)
+    conf, primary = summary.get("confidence", 0.95), c1_primary(summary)
     rows = []
     for group in _groups(summary):
         if group.get("role", "n_sweep") != "n_sweep":
             continue
         title = _group_title(group) + (f" ({label})" if label else "")
         count = f"{group.get('runs_at_eos', 0)} / {group.get('runs_total', 0)}"
-        rows.append(["C1", title, group.get("verdict", "n/a"), _c1_number(group, conf), count])
+        rows.append(["C1", title, group.get("verdict", "n/a"), _c1_number(group, conf, primary),
+                     count])
         rows.append(["C2", title, group.get("c2_verdict", "n/a"), _c2_number(group), count])
     for scan in summary.get("eta_scaling") or []:
         fit = scan.get("fit") or {}

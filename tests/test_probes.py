@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from lossland import curvature, losses, models, objective as objective_lib, probes, records
+from lossland import curvature, losses, models, objective as objective_lib, probes, records, scaling
 
 S_MAX = 0.5
 GRID = np.linspace(-S_MAX, S_MAX, 41)
@@ -244,3 +244,43 @@ def test_probes_from_the_edge_of_stability_on(tmp_path):
     assert probed == [0, *range(entry, 60, 5)]
     assert "valley_distance" in rows[-1]   # and at the end
     assert all(r["probe_s_max_steps"] >= 16 * (1 - 1e-6) for r in rows if "probe_s_max" in r)
+
+
+@pytest.mark.parametrize("s_max", [1e-3, 0.1, 10.0])
+def test_gradient_excess_is_at_most_one_on_a_quadratic_at_any_range(x64, s_max):
+    """C1 rule version 2 (`scaling.gradient_excess`): along every direction of a quadratic,
+    ‖∇L(θ+su)‖ ≤ ‖∇L(θ)‖ + λ1·|s|, so the ratio is ≤ 1 whatever the probe range."""
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(6, 6))
+    hessian = a @ a.T
+    lambda1 = float(np.linalg.eigvalsh(hessian)[-1])
+    loss = lambda p: 0.5 * p["w"] @ jnp.asarray(hessian) @ p["w"]
+    params = {"w": jnp.asarray(rng.normal(size=6))}
+    grad_norm = float(jnp.linalg.norm(jax.grad(loss)(params)["w"]))
+    top = np.linalg.eigh(hessian)[1][:, -1]
+    excesses = []
+    for direction in [top, rng.normal(size=6), rng.normal(size=6)]:
+        probe = probes.line_probe(loss, params, {"w": jnp.asarray(direction)},
+                                  jnp.linspace(-s_max, s_max, 33))
+        excesses.append(scaling.gradient_excess(float(probe.grad_norm.max()), grad_norm,
+                                                lambda1, s_max))
+    assert max(excesses) <= 1 + 1e-12
+    assert max(excesses) > 0.5     # along v1 the bound is nearly reached at the far end
+
+
+def test_gradient_excess_grows_as_a_singular_point_comes_into_range(x64):
+    """L = λ/2·x² − |x − c|^(1/2): the gradient is unbounded at x = c. At the same sharpness
+    λ1 (measured at the iterate) and range, the ratio grows as c nears the probed segment."""
+    lam, s_max = 2.0, 1.0
+    excess = []
+    for c in (1.5, 1.1, 1.02):
+        loss = lambda p, c=c: 0.5 * lam * p["x"][0] ** 2 - jnp.sqrt(jnp.abs(p["x"][0] - c))
+        params = {"x": jnp.zeros(1)}
+        probe = probes.line_probe(loss, params, {"x": jnp.ones(1)},
+                                  jnp.linspace(-s_max, s_max, 65))
+        lambda1 = float(jax.hessian(loss)(params)["x"]["x"][0, 0])
+        grad_norm = float(jnp.linalg.norm(jax.grad(loss)(params)["x"]))
+        excess.append(scaling.gradient_excess(float(probe.grad_norm.max()), grad_norm,
+                                              lambda1, s_max))
+    assert excess[0] < excess[1] < excess[2] and excess[2] > 2
+    assert np.isnan(scaling.gradient_excess(1.0, None, 2.0, 1.0))

@@ -55,6 +55,7 @@ def _synthetic_rows(rng):
                              "model": "mlp", "loss": "mse", "activation": activation, "n": n,
                              "seed": seed, "status": "finished", "stop_reason": "eos_hold",
                              "at_eos": True, "eos_label": "at_eos",
+                             "probe_grad_excess": 1.1 * n ** power * noise,
                              "probe_max_grad_norm": 2.0 * n ** power * noise,
                              "probe_v1_slope_exponent": 1.0, "probe_v1_curvature_exponent": 0.0,
                              "probe_v1_quadratic_ratio": 1.0,
@@ -190,9 +191,13 @@ def test_smoke_sweep_end_to_end_and_rerun(tmp_path):
         assert row["at_eos"] and row["eos_entry_step"] is not None, row
         assert row["held_steps"] >= hold_steps, row
         for key in ("grad_norm", "valley_distance", "probe_max_grad_norm", "probe_max_curvature",
-                    "probe_v1_slope_exponent", "lambda1"):
+                    "probe_v1_slope_exponent", "lambda1", "probe_grad_excess"):
             assert isinstance(row[key], float) and np.isfinite(row[key]), (key, row[key])
+        # C1 rule version 2's quantity, from the run's own final numbers.
+        assert row["probe_grad_excess"] == pytest.approx(
+            row["probe_max_grad_norm"] / (row["grad_norm"] + row["lambda1"] * row["probe_s_max"]))
     summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["c1_rule"] == {"version": 2, "primary": "probe_grad_excess"}
     assert sorted(g["group"] for g in summary["groups"]) == sorted([RELU, FASHION_RELU])
     for group in summary["groups"]:
         # Every smoke run reaches and holds the edge of stability.
@@ -201,7 +206,8 @@ def test_smoke_sweep_end_to_end_and_rerun(tmp_path):
     for name, sizes in ((RELU, [64, 96, 128]), (FASHION_RELU, [256, 512, 1024])):
         fit = _group(summary, name)["quantities"]["probe_max_grad_norm"]
         assert fit["n"] == sizes and np.isfinite(fit["slope"]) and np.isfinite(fit["ci_low"])
-    for key in ("grad_norm", "probe_max_grad_norm", "probe_max_curvature", "valley_distance"):
+    for key in ("grad_norm", "probe_max_grad_norm", "probe_max_curvature", "valley_distance",
+                "probe_grad_excess"):
         assert (workdir / "plots" / f"{key}.png").stat().st_size > 5000
     assert (workdir / "plots" / "valley_distance_vs_step.png").exists()
     verdict = (workdir / "verdict.md").read_text()
@@ -424,3 +430,24 @@ def test_dry_run_lists_every_arm_and_its_estimated_cost():
     assert sweep_n.estimated_seconds(arm, 256) == pytest.approx(10.0)
     assert sweep_n.estimated_seconds(arm, 1024) == pytest.approx(40.0)
     assert sweep_n.estimated_seconds({}, 1024) is None
+
+
+def test_c1_verdict_is_decided_on_the_rules_primary_quantity():
+    """C1 rule version 2 decides on the gradient excess; a summary written before it (no
+    "c1_rule") is still read on max ‖∇L‖ along the probes, as it was decided."""
+    rows = _synthetic_rows(np.random.default_rng(1))
+    for r in rows:   # excess flat in N, max ‖∇L‖ growing (relu): the verdict follows the excess
+        r["probe_grad_excess"] = 1.1 * np.exp(0.01 * np.sin(r["n"] + r["seed"]))
+    summary = scaling.summarize(rows, SETTINGS)
+    assert summary["c1_rule"]["primary"] == "probe_grad_excess"
+    relu = _group(summary, RELU)
+    assert relu["quantities"]["probe_max_grad_norm"]["ci_low"] > 0 and relu["verdict"] == "against"
+    row = next(r for r in verdicts.glance_rows(summary) if r[0] == "C1" and "relu" in r[1])
+    assert row[2] == "against" and row[3].startswith("max ‖∇L‖ along probes / (‖∇L‖ + λ1·s_max)")
+    text = verdicts.c1_verdict(summary)
+    assert "C1 rule version 2" in text
+    first = text.split("**mnist1d / mlp / mse / relu**")[1].splitlines()[1]
+    assert first.startswith("- max ‖∇L‖ along all probes / (‖∇L‖ + λ1·s_max)")
+    old = {k: v for k, v in summary.items() if k != "c1_rule"}
+    row = next(r for r in verdicts.glance_rows(old) if r[0] == "C1" and "relu" in r[1])
+    assert row[3].startswith("max ‖∇L‖ along probes ∝ N^0.")
