@@ -43,6 +43,19 @@ def _reference(obj, k):
     return jax.jit(top)
 
 
+def step_curvature_agreement(lambda1, chi_1, secant, *, aligned: float = 0.9) -> dict:
+    """How the free step curvature c_t (along θ_{t−1} → θ_t, `streaming.step_curvature`)
+    compares with λ1 where the step is along v1: over the steps whose previous gradient
+    had χ_1 ≥ `aligned`, the median and range of c_t / λ̄1, λ̄1 the mean of the stream's λ1
+    at the segment's two ends."""
+    ratios = [c / (0.5 * (lambda1[t - 1] + lambda1[t])) for t, c in enumerate(secant)
+              if t and chi_1[t - 1] >= aligned and np.isfinite(c)]
+    return {"step_curvature_steps_aligned": len(ratios),
+            "step_curvature_over_lambda1_median": float(np.median(ratios)) if ratios else None,
+            "step_curvature_over_lambda1_range": ([float(np.min(ratios)), float(np.max(ratios))]
+                                                  if ratios else None)}
+
+
 def stream_figures(obj, params, args, lambda1_at_start: float, log) -> dict:
     lr = args.stream_lr or 1.0 / lambda1_at_start
     optimizer = optax.sgd(lr)
@@ -53,7 +66,7 @@ def stream_figures(obj, params, args, lambda1_at_start: float, log) -> dict:
         cfg = config_lib.RunConfig(tracker="stream", track_k=k, track_every=1)
         b = config_lib.block_size(cfg)
         m = config_lib.stream_refresh(cfg)
-        fused = streaming.make_fused_step(obj, optimizer, k=k, refresh=m)
+        fused = streaming.make_fused_step(obj, optimizer, k=k, refresh=m, lr=lr)
         start = streaming.make_stream_start(obj, block_size=b, num_iters=80, tol=1e-3)
         reference = _reference(obj, k)
         p, s = params, optimizer.init(params)
@@ -61,19 +74,25 @@ def stream_figures(obj, params, args, lambda1_at_start: float, log) -> dict:
         P = ravel_pytree(p)[0].shape[0]
         v0 = jax.random.normal(jax.random.key(args.seed + 1), (P,), jnp.float32)
         ref_vectors = jnp.zeros((k, P), jnp.float32)
-        jax.block_until_ready(fused(p, s, obj.data, stream))     # compile both steps
+        displacement = jnp.zeros((P,), jnp.float32)
+        jax.block_until_ready(fused(p, s, obj.data, stream, displacement))   # compile both
         jax.block_until_ready(plain(p, s, obj.data))
         fused_s, plain_s, errors, ratio_max = [], [], [], 0.0
+        lambda1, chi_1, secant = [], [], []
         for t in range(args.stream_steps):
             t0 = time.perf_counter()
             jax.block_until_ready(plain(p, s, obj.data))
             plain_s.append(time.perf_counter() - t0)
             theta_t = p
             t0 = time.perf_counter()
-            p, s, _, row, _, stream = fused(p, s, obj.data, stream)
+            p, s, _, row, _, stream = fused(p, s, obj.data, stream, displacement)
             jax.block_until_ready(row)
             fused_s.append(time.perf_counter() - t0)
+            displacement = ravel_pytree(p)[0] - ravel_pytree(theta_t)[0]
             theta = np.asarray(row["eigenvalues"], np.float64)
+            lambda1.append(float(theta[0]))
+            chi_1.append(float(row["chi_1"]))
+            secant.append(float(row["step_curvature"]))
             ratio_max = max(ratio_max, float(theta[0]) * lr / 2)
             if t >= args.stream_burn_in and (t - args.stream_burn_in) % args.stream_ref_every == 0:
                 ref = reference(theta_t, obj.data, v0, ref_vectors)
@@ -88,6 +107,7 @@ def stream_figures(obj, params, args, lambda1_at_start: float, log) -> dict:
             "block_size": b, "refresh": m, "lr": lr, "steps": args.stream_steps,
             "burn_in": args.stream_burn_in, "ref_every": args.stream_ref_every,
             "num_references": len(errors), "max_stability_ratio": ratio_max,
+            **step_curvature_agreement(lambda1, chi_1, secant),
             "fused_step_seconds": float(np.median(fused_s)),
             "untracked_step_seconds": float(np.median(plain_s))}
         log("stream", key, out["stream_step_ratio"][key], out["stream_eig_rel_err"][key],

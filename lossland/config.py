@@ -311,12 +311,17 @@ def validate_for_model(cfg: RunConfig, num_params: int) -> None:
 def block_size(cfg: RunConfig) -> int:
     """The block or stream tracker's b: --track_block_size, or its default when 0.
 
-    The default is track_k + 2, except for the stream tracker at k = 1, whose
-    default block is the one vector (shifted momentum power iteration; BUILD_NOTES.md).
+    The default is track_k + 2 guard rows. The stream tracker's is one vector at k = 1
+    (shifted momentum power iteration) and k + max(2, ⌈0.4 k⌉) otherwise (14 at k = 10:
+    more guards speed up the k-th value, whose rate is |λ_{b+1} + τ|/(λ_k + τ);
+    BUILD_NOTES.md gives the measurements).
     """
     if cfg.track_block_size:
         return cfg.track_block_size
-    return 1 if cfg.tracker == "stream" and cfg.track_k == 1 else cfg.track_k + 2
+    if cfg.tracker == "stream":
+        k = cfg.track_k
+        return 1 if k == 1 else k + max(2, -(-2 * k // 5))
+    return cfg.track_k + 2
 
 
 def stream_refresh(cfg: RunConfig) -> int:

@@ -119,8 +119,10 @@ class _Loop:
                 # leave the band the hold was just met in).
                 return self.final_step(state, step, tracked=self.last_tracked,
                                        checkpoint=before)
+            # The last step: a probe direction, and the stream's step curvature.
             displacement = (ravel_pytree(updated["params"])[0] - ravel_pytree(state.params)[0]
-                            if self.prober is not None else state.displacement)
+                            if self.prober is not None or self.stream is not None
+                            else state.displacement)
             state = state.replace(step=step + 1, displacement=displacement, **updated)
             step += 1
             self.progress.update(step, row["loss"], _progress_extra(self.last_row))
@@ -140,7 +142,7 @@ class _Loop:
         batch = self.data if self.sgd_batches is None else self.sgd_batches.batch(step)
         if self.stream is not None:
             new_params, new_opt_state, metrics, stream = self.stream.step(
-                step, state.params, state.opt_state, batch, state.stream,
+                step, state.params, state.opt_state, batch, state.stream, state.displacement,
                 jax.random.fold_in(self.base_key, 3))
             state = state.replace(stream=stream)
             # The fused step carries no model state: its running statistics in a pass of
@@ -251,7 +253,7 @@ class _Loop:
         """
         if self.stream.last is None or self.stream.last[0] != step:
             self.stream.step(step, state.params, state.opt_state, self.data, state.stream,
-                             jax.random.fold_in(self.base_key, 3))
+                             state.displacement, jax.random.fold_in(self.base_key, 3))
         _, row_arrays, vectors, seconds = self.stream.last
         row = _tracked_row(streaming.shortest_floats(jax.device_get(row_arrays)), self.cfg.lr)
         if self.plain_step_seconds is None:

@@ -75,7 +75,8 @@ def plot_sharpness(runs: Sequence[tuple[str, list, float | None]], path: Path,
             ax.plot(steps, lambda1, color=color, lw=1.4 if len(steps) < 500 else 0.6,
                     label=f"λ1, {label}")
             if index == 0:
-                _zoom_every_step(ax, np.asarray(steps), np.asarray(lambda1), lr, color)
+                secant = np.asarray([r.get("step_curvature", np.nan) for r in eig_rows], float)
+                _zoom_every_step(ax, np.asarray(steps), np.asarray(lambda1), lr, color, secant)
         if lr:
             ax.axhline(2.0 / lr, color=color, ls="--", lw=1, alpha=0.8, label=f"2/η = {2 / lr:.3g}")
     ax.set_xlabel("step")
@@ -86,14 +87,19 @@ def plot_sharpness(runs: Sequence[tuple[str, list, float | None]], path: Path,
     return _save(fig, path)
 
 
-def _zoom_every_step(ax, steps, lambda1, lr, color, last: int = 40) -> None:
+def _zoom_every_step(ax, steps, lambda1, lr, color, secant=None, last: int = 40) -> None:
     """An inset of λ1 over the last `last` steps when it was tracked at every step
     (--tracker=stream --track_every=1): the period-2 oscillation about 2/η at the edge of
-    stability is a blur at the scale of the whole run."""
+    stability is a blur at the scale of the whole run. The stream's free step curvature
+    (curvature along θ_{t−1} → θ_t) is drawn at the steps' midpoints t − ½."""
     if len(steps) < 5 * last or not np.all(np.diff(steps[-last:]) == 1):
         return
     inset = ax.inset_axes([0.52, 0.08, 0.45, 0.38])
     inset.plot(steps[-last:], lambda1[-last:], color=color, lw=0.8, marker=".", ms=3)
+    if secant is not None and np.isfinite(secant[-last:]).any():
+        inset.plot(steps[-last:] - 0.5, secant[-last:], "x", color="0.4", ms=3,
+                   label="curvature along the step")
+        inset.legend(fontsize=5, loc="lower left")
     if lr:
         inset.axhline(2.0 / lr, color=color, ls="--", lw=0.8)
     inset.set_title(f"every step, last {last}", fontsize=7)

@@ -34,19 +34,40 @@ PHASES = 2         # blocks of the stream, one per step parity (curvature/stream
 
 
 def default_refresh(k: int, block_size: int) -> int:
-    """Rows imaged per step when --stream_refresh is 0: all of a block of ≤ 2, else about b/3.
+    """Rows imaged per step when --stream_refresh is 0: all of a block of ≤ 2, else ⌈0.4 b⌉.
 
     k = 1 with b = 1 is shifted momentum power iteration with an exact Rayleigh quotient
-    and residual (one tangent a step); k = 10 with b = 12 images 4 rows a step.
+    and residual (one tangent a step); k = 10 with b = 14 images 6 rows a step (the
+    cheapest setting measured to meet the k = 10 accuracy target; BUILD_NOTES.md).
     """
-    return block_size if block_size <= 2 else -(-block_size // 3)
+    return block_size if block_size <= 2 else -(-2 * block_size // 5)
+
+
+def step_curvature(grad, displacement, lr):
+    """The curvature along the last GD step, from two consecutive gradients at no extra cost.
+
+    GD moved θ_{t−1} → θ_t by d = −η g_{t−1}, so g_{t−1} = −d/η and
+
+        c_t = (g_t − g_{t−1})·d / ‖d‖² = g_t·d / ‖d‖² + 1/η = d̂ᵀ H̄ d̂,
+
+    with H̄ the Hessian averaged over the segment (mean value theorem): the curvature at
+    the segment's midpoint up to terms of second order in ‖d‖. It is a Rayleigh quotient,
+    so c_t ≤ λ1(H̄), with equality when d lies along the top eigenvector (χ_1 = 1). NaN
+    before the first step (d = 0).
+    """
+    d_sq = jnp.vdot(displacement, displacement)
+    return jnp.where(d_sq > 0, jnp.vdot(grad, displacement) / jnp.where(d_sq > 0, d_sq, 1.0)
+                     + 1.0 / lr, jnp.nan)
 
 
 def make_fused_step(objective: Objective, optimizer: optax.GradientTransformation, *, k: int,
-                    refresh: int):
-    """The jitted fused GD step of the stream tracker (see the module docstring)."""
+                    refresh: int, lr: float):
+    """The jitted fused GD step of the stream tracker (see the module docstring).
 
-    def step(params, opt_state, data, stream: curvature.StreamState):
+    `displacement` is θ_t − θ_{t−1} (zeros at the first step), for `step_curvature`; `lr`
+    is the GD step η of `optimizer` (the stream tracker runs plain GD only)."""
+
+    def step(params, opt_state, data, stream: curvature.StreamState, displacement):
         _, unravel = ravel_pytree(params)
         ravel = lambda tree: ravel_pytree(tree)[0]
         pending = jax.vmap(unravel)(curvature.stream_pending(stream, refresh))
@@ -59,7 +80,7 @@ def make_fused_step(objective: Objective, optimizer: optax.GradientTransformatio
             param_norm=train_lib.tree_norm(params), update_norm=train_lib.tree_norm(updates),
             params_finite=jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf))
                                              for leaf in jax.tree_util.tree_leaves(new_params)])))
-        stream, ritz = curvature.stream_update(stream, jax.vmap(ravel)(images))
+        stream, ritz = curvature.stream_update(stream, jax.vmap(ravel)(images), num_wanted=k)
         g, V = ravel(grad), ritz.eigenvectors[:k]
         g_sq, g_top_sq = jnp.vdot(g, g), jnp.sum(jnp.square(V @ g))
         row = {
@@ -71,6 +92,7 @@ def make_fused_step(objective: Objective, optimizer: optax.GradientTransformatio
             "grad_norm_top": jnp.sqrt(g_top_sq),
             "grad_norm_bulk": jnp.sqrt(jnp.maximum(g_sq - g_top_sq, 0.0)),
             "stream_shift": stream.shift,
+            "step_curvature": step_curvature(g, displacement, lr),
         }
         return new_params, opt_state, metrics, row, V, stream
 
@@ -126,18 +148,19 @@ class StreamDriver:
     def __init__(self, objective: Objective, optimizer: optax.GradientTransformation, cfg):
         from lossland import config as config_lib
         self.fused = make_fused_step(objective, optimizer, k=cfg.track_k,
-                                     refresh=config_lib.stream_refresh(cfg))
+                                     refresh=config_lib.stream_refresh(cfg), lr=cfg.lr)
         self.start = make_stream_start(objective, block_size=config_lib.block_size(cfg),
                                        num_iters=cfg.lanczos_iters, tol=cfg.lanczos_tol)
         self.last = None    # (step, row arrays, (k, P) Ritz vectors, seconds of the fused step)
 
-    def step(self, step: int, params, opt_state, data, stream, key):
-        """The fused step at θ_step: (params', opt_state', metrics, stream')."""
+    def step(self, step: int, params, opt_state, data, stream, displacement, key):
+        """The fused step at θ_step: (params', opt_state', metrics, stream'). `displacement`
+        is θ_step − θ_{step−1} (the checkpointed `TrainState.displacement`)."""
         if int(stream.phase) < 0:      # a fresh run; a resumed one restores its block
             stream = self.start(params, data, key)
         start = time.perf_counter()
         params, opt_state, metrics, row, vectors, stream = self.fused(params, opt_state, data,
-                                                                      stream)
+                                                                      stream, displacement)
         jax.block_until_ready(row)
         self.last = (step, row, vectors, time.perf_counter() - start)
         return params, opt_state, metrics, stream

@@ -196,13 +196,17 @@ def _compute(out_path: str, mesh_sizes: str = "0", dtypes: str = "float32,float6
                 # The stream tracker (issue 24): cold start, then 3 fused GD steps.
                 from lossland import streaming
                 start = streaming.make_stream_start(obj, block_size=4, num_iters=20, tol=None)
-                fused = streaming.make_fused_step(obj, gd, k=3, refresh=2)
+                fused = streaming.make_fused_step(obj, gd, k=3, refresh=2, lr=0.1)
                 stream = start(params, full, jax.random.key(3))
                 p, s = params, put(gd.init(model.params))
+                flat = lambda tree: ravel_pytree(tree)[0]
+                displacement = jnp.zeros_like(flat(p))
                 for _ in range(3):
-                    p, s, metrics, row, _, stream = fused(p, s, full, stream)
+                    new_p, s, metrics, row, _, stream = fused(p, s, full, stream, displacement)
+                    displacement, p = flat(new_p) - flat(p), new_p
                 out["stream_params"], out["stream_metrics"] = p, jnp.stack(list(metrics))
                 out["stream_eigenvalues"], out["stream_chi_k"] = row["eigenvalues"], row["chi_k"]
+                out["stream_step_curvature"] = row["step_curvature"]
             # Train-mode BatchNorm: each chunk's statistics are the whole chunk's, sharded or
             # not (float64 only: the comparison is the same, at half the compile time).
             if dtype_name == "float64":
@@ -341,7 +345,7 @@ CORE_KERNELS = {"loss", "accuracy", "grad", "hvp", "gnvp", "loss_two_step", "gd_
 ALL_KERNELS = CORE_KERNELS | {
     "block_hvp", "block_gnvp", "subset_hvp", "subset_gnvp", "empirical_fisher_vp",
     "hessian_trace", "adam_params", "adam_metrics", "block_eigenvalues", "stream_params",
-    "stream_metrics", "stream_eigenvalues", "stream_chi_k"}
+    "stream_metrics", "stream_eigenvalues", "stream_chi_k", "stream_step_curvature"}
 BATCHNORM_KERNELS = {"bn_loss", "bn_grad", "bn_hvp", "bn_running_stats", "bn_step_params",
                      "bn_step_running_stats"}   # float64 only
 
