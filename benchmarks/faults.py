@@ -2,6 +2,7 @@
 
     python -m benchmarks.faults --out F.json            # 6 kills of the driver, 1 of the sweep
     python -m benchmarks.faults --kills=8 --seed=3 --no-sweep --out F.json
+    python -m benchmarks.faults --stream --no-sweep     # the stream tracker at every step
 
 The driver run is MNIST-1D n=300, MLP 2×64, GD, 300 steps, --track_every=10,
 --checkpoint_every=50. Every launch uses the same command line, with
@@ -48,6 +49,11 @@ TIMING_KEYS = ("wall_time", "track_time", "tracker_time", "hvp_equivalents")
 TMP_DIR_MARK = ".orbax-checkpoint-tmp"      # = lossland.checkpoints.TMP_DIR_MARK
 DRIVER_FLAGS = ("--dataset=mnist1d", "--n_train=300", "--width=64", "--steps=300",
                 "--track_every=10", "--checkpoint_every=50", "--noplots")
+# The stream tracker (--tracker=stream) at every step: its block and shift are part of the
+# checkpoint, so a killed run must resume to the same every-step rows (issue 24).
+STREAM_FLAGS = ("--dataset=mnist1d", "--n_train=300", "--width=64", "--steps=300",
+                "--tracker=stream", "--track_every=1", "--track_k=3",
+                "--stream_check_every=100", "--checkpoint_every=50", "--noplots")
 SWEEP_FLAGS = ("--preset=smoke", "--activations=relu", "--progress=false")
 KILL_KINDS = ("startup", "checkpoint", "training")
 POLL_S = 0.002
@@ -168,17 +174,18 @@ def kill_once(kind: str, process, workdir: Path, rng) -> str | None:
     return "startup" if complete_lines(metrics) == rows_at_launch else "training"
 
 
-def driver_faults(root: Path, kills: int, seed: int, env) -> dict:
-    """Kills the tracked driver run `kills` times, resumes each time, compares with a straight run."""
+def driver_faults(root: Path, kills: int, seed: int, env, flags=DRIVER_FLAGS) -> dict:
+    """Kills the tracked driver run `kills` times, resumes each time, compares with a straight
+    run. `flags`: the run's command line (DRIVER_FLAGS, or STREAM_FLAGS for the stream)."""
     rng = np.random.default_rng(seed)
     reference_dir, workdir = root / "reference", root / "killed"
-    straight = subprocess.run([sys.executable, "-m", "experiments.train", *DRIVER_FLAGS,
+    straight = subprocess.run([sys.executable, "-m", "experiments.train", *flags,
                                f"--workdir={reference_dir}"], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
     if straight.returncode != 0:
         raise RuntimeError(f"the uninterrupted run failed:\n{straight.stderr[-3000:]}")
     reference = read_rows(reference_dir / "metrics.jsonl")
-    command = (*DRIVER_FLAGS, "--resume", f"--workdir={workdir}")
+    command = (*flags, "--resume", f"--workdir={workdir}")
     phases, launches, torn_injected, logs = [], 0, 0, []
     plan = kill_plan(kills, rng)
     while True:
@@ -252,6 +259,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="Seed of the kill moments.")
     parser.add_argument("--no-sweep", dest="sweep", action="store_false",
                         help="Skip the sweep kill.")
+    parser.add_argument("--stream", action="store_true", help="Kill the stream-tracked run "
+                        "(--tracker=stream at every step, STREAM_FLAGS) instead of the "
+                        "Lanczos-tracked one.")
     parser.add_argument("--workdir", type=Path, help="Keep the runs here (default: a temp dir).")
     parser.add_argument("--platform", default="cpu", help="JAX_PLATFORMS of the runs; resumed "
                         "records are promised bitwise-equal on CPU.")
@@ -263,8 +273,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="lossland_faults_") as scratch:
         root = args.workdir or Path(scratch)
         root.mkdir(parents=True, exist_ok=True)
-        report = {"seed": args.seed, "driver_flags": list(DRIVER_FLAGS)}
-        report.update(driver_faults(root, args.kills, args.seed, env))
+        flags = STREAM_FLAGS if args.stream else DRIVER_FLAGS
+        report = {"seed": args.seed, "driver_flags": list(flags)}
+        report.update(driver_faults(root, args.kills, args.seed, env, flags))
         if args.sweep:
             report.update(sweep_fault(root, args.seed, env))
     report["total_s"] = round(time.time() - start, 1)

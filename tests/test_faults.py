@@ -160,6 +160,20 @@ def test_fault_harness_kills_the_tracked_run_and_loses_no_row(tmp_path):
 
 
 @pytest.mark.slow
+def test_fault_harness_kills_the_stream_run_and_loses_no_row(tmp_path):
+    """--tracker=stream at every step (issue 24): killed at start-up, in training and in
+    a checkpoint write, each relaunch resumes the block and shift from the checkpoint, and
+    every row equals the uninterrupted run's (eigenvalues, residuals and step curvature
+    included)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    report = faults.driver_faults(tmp_path, kills=3, seed=1, env=env, flags=faults.STREAM_FLAGS)
+    assert report["kills"] >= 3 and report["final_returncode"] == 0, report
+    assert report["rows_differing"] == 0 and report["same_steps"], report
+    assert report["duplicated_steps"] == 0 and report["status_rows"] == 1, report
+    assert report["rows_compared"] >= 300, report        # a row at every step
+
+
+@pytest.mark.slow
 def test_sweep_killed_in_the_middle_reruns_to_the_same_summary(tmp_path):
     """The smoke sweep's MNIST-1D arm (6 points), killed once the 4th has begun. Its
     Fashion-MNIST arm adds nothing to what is checked here (skip or resume per point, the
