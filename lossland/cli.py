@@ -107,11 +107,14 @@ def define_run_flags(**default_overrides) -> None:
                       "BUILD_NOTES) or stream (H·V fused into every GD step, the top-k subspace "
                       "followed by one subspace-iteration step a step; README 'Which tracker').")
     flags.DEFINE_integer("track_block_size", d.track_block_size, "Vectors in the block of "
-                         "--tracker=block or stream (0 = track_k + 2, or 1 for stream at "
-                         "--track_k=1; must be >= --track_k).", lower_bound=0)
+                         "--tracker=block or stream (0 = track_k + 2 for block; for stream 1 "
+                         "at --track_k=1, else track_k + max(2, ceil(0.4 track_k)), 14 at "
+                         "k = 10; must be >= --track_k).", lower_bound=0)
     flags.DEFINE_integer("stream_refresh", d.stream_refresh, "--tracker=stream: block rows "
                          "multiplied by H at each step (0 = all of a block of <= 2, else "
-                         "ceil(b/3)). Each costs about one tangent pass.")
+                         "ceil(0.4 b), 6 at k = 10). Each costs about one tangent pass; "
+                         "--stream_refresh=4 at k = 10 is faster and less accurate (README, "
+                         "'Which tracker').")
     flags.DEFINE_integer("stream_check_every", d.stream_check_every, "--tracker=stream: a "
                          "converged, cold Lanczos at the same θ every this many steps; the row "
                          "gets check_eigenvalues and stream_check_rel_err (0 = off).")

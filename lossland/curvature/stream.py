@@ -65,8 +65,8 @@ where it lowers θ_b and so raises σ past it (tested). Without guards (b = k)
 the wanted λ_k is θ_b itself and the centring would tie it with −σ; σ then
 steps as τ = σ, which a σ above −(λ_min + λ_k)/2 already keeps safe. Among
 one-product filters p(H) = H + τI it is the one that minimizes the worst ratio
-|λ + τ|/(λ_k + τ) over that interval (the optimal shift of the power method,
-Saad, "Numerical Methods for Large Eigenvalue Problems", §4.1.2); τ = σ
+|λ + τ|/(λ_k + τ) over that interval (the optimal shift of the shifted power
+method; Saad, "Numerical Methods for Large Eigenvalue Problems", ch. 4); τ = σ
 maps λ_min to 0 but leaves the ratio (λ_{b+1} + σ)/(λ_k + σ) closer to 1. On
 the tracking benchmark's --quick trajectory it halved the k = 10 error at
 b = 12, m = 4 (BUILD_NOTES.md). The b = 1 momentum step keeps τ = σ: its
