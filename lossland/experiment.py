@@ -102,16 +102,33 @@ def check_whole_chunks(cfg: config_lib.RunConfig) -> None:
     """A model with batch statistics (BatchNorm) needs chunks without padding rows.
 
     Its training-mode loss normalizes each chunk with that chunk's statistics
-    (ghost batches); a padding row would enter them. So n must fill whole chunks.
+    (ghost batches); a padding row would enter them. So n must fill whole chunks,
+    and an SGD minibatch (one chunk, padded to a multiple of the device count)
+    must need no padding.
     """
     devices = sharding.mesh_size(sharding.make_mesh(cfg.num_devices))
+    problem = padding_problem(cfg, devices)
+    if problem:
+        raise config_lib.ConfigError(problem)
+
+
+def padding_problem(cfg: config_lib.RunConfig, devices: int) -> str | None:
+    """Why cfg's chunks or minibatches would hold padding rows on `devices` devices (a
+    BatchNorm model then normalizes with them; see `check_whole_chunks`), or None."""
     chunk, num_chunks = sharding.chunk_layout(cfg.n_train, cfg.chunk_size, devices)
     if chunk * num_chunks != cfg.n_train:
-        raise config_lib.ConfigError(
-            f"--chunk_size={cfg.chunk_size} is not allowed with --n_train={cfg.n_train} and "
-            f"--model={cfg.model}: the model normalizes with batch statistics, computed per "
-            f"chunk of {chunk} examples, so the last chunk would hold padding rows. Choose "
-            "--chunk_size dividing --n_train (and a multiple of the device count).")
+        return (f"--chunk_size={cfg.chunk_size} is not allowed with --n_train={cfg.n_train} "
+                f"and --model={cfg.model}: the model normalizes with batch statistics, "
+                f"computed per chunk of {chunk} examples, so the last chunk would hold padding "
+                "rows. Choose --chunk_size dividing --n_train (and a multiple of the device "
+                "count).")
+    if cfg.optimizer not in train_lib.FULL_BATCH_OPTIMIZERS and cfg.batch_size % devices:
+        return (f"--batch_size={cfg.batch_size} is not allowed with --optimizer="
+                f"{cfg.optimizer}, --model={cfg.model} and {devices} devices: the model "
+                "normalizes with batch statistics, and each minibatch is padded to a multiple "
+                "of the device count, so padding rows would enter them. Choose a --batch_size "
+                f"that is a multiple of {devices} (or fewer --num_devices).")
+    return None
 
 
 def build_experiment(cfg: config_lib.RunConfig) -> Experiment:

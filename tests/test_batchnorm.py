@@ -375,3 +375,20 @@ def test_a_checkpoint_from_before_model_state_still_restores(tmp_path):
     with pytest.raises(checkpoints.CheckpointMismatch, match="--overwrite"):
         manager.restore_latest(stateful)
     manager.close()
+
+
+def test_padding_rows_never_reach_batch_statistics():
+    """A BatchNorm run is refused where a chunk or an SGD minibatch would be padded: the
+    minibatch is one chunk padded to a multiple of the device count (`sharding.MinibatchSource`),
+    so --batch_size must be such a multiple (checked for 4 devices without needing them)."""
+    from lossland import config as config_lib, experiment
+
+    cfg = config_lib.RunConfig(n_train=96, chunk_size=48, optimizer="sgd", batch_size=30,
+                               model="resnet", norm="batch")
+    assert experiment.padding_problem(cfg, devices=1) is None
+    assert experiment.padding_problem(cfg.replace(batch_size=32), devices=4) is None
+    problem = experiment.padding_problem(cfg, devices=4)
+    assert "--batch_size=30" in problem and "multiple of 4" in problem
+    assert experiment.padding_problem(cfg.replace(optimizer="gd"), devices=4) is None
+    problem = experiment.padding_problem(cfg.replace(chunk_size=40), devices=1)
+    assert "--chunk_size=40" in problem and "--n_train=96" in problem

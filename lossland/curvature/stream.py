@@ -16,10 +16,11 @@ the m = `refresh` pending rows get fresh images H_t v, then
   2. The block is rotated to the Ritz basis (V ← U, W ← G, images follow
      linearly), and the rows due next take one step of subspace iteration on
      H + τI: v ← orth((G_i + τ U_i) ⟂ the other rows), with the centred shift τ
-     below; their images are computed at the next step. The rows due are all of them when m = b;
-     for 1 < m < b the top Ritz row at every step (so λ1 has a fresh image
-     at every step, and the period-2 oscillation at the edge of stability is
-     not blurred by stale images) and the next m − 1 of the other b − 1 rows
+     below; their images are computed at the next step. The rows due are all
+     of them when m = b; for 1 < m < b the top Ritz row at every step (so λ1
+     has a fresh image at every step, and the period-2 oscillation at the edge
+     of stability is not blurred by stale images) and the next m − 1 of the
+     other b − 1 rows
      in turn (a cursor over Ritz positions, each refreshed every
      ⌈(b−1)/(m−1)⌉ steps); for m = 1 < b one row in turn.
 
@@ -169,7 +170,7 @@ def stream_update(state: StreamState, fresh_images: jax.Array,
     cursor = _advance(cursor, m, b)
     due = _slots(cursor, m, b)
     is_due = jnp.zeros((b,), bool).at[due].set(True)
-    # One step of subspace iteration on H + σI for the due rows, kept orthogonal to
+    # One step of subspace iteration on H + τI for the due rows, kept orthogonal to
     # the others (whose vectors and images stay as they are).
     previous = state.previous[phase]
     if b == 1:      # the momentum power method (module docstring); U is ±V here
