@@ -327,9 +327,14 @@ def plot_valley_distance(points, run_dir_of, out_dir: Path) -> Path | None:
     groups = list(dict.fromkeys(p.group for p in points))
     sizes = sorted({p.n for p in points})
     cmap = plt.get_cmap("viridis")
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
+    # A grid of at most 3 panels a row: a sweep with many arms stays readable.
+    cols = min(len(groups), 3)
+    rows = -(-len(groups) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(groups):]:
+        ax.set_visible(False)
     drew = False
-    for ax, group in zip(axes[0], groups):
+    for ax, group in zip(axes.flat, groups):
         for p in (p for p in points if p.group == group):
             path = run_dir_of(p) / records.METRICS_FILE
             if not path.exists():
