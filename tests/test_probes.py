@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from lossland import curvature, losses, models, objective as objective_lib, probes, records, scaling
+from lossland import curvature, losses, models, objective as objective_lib, probes, records
+from lossland import scaling
 
 S_MAX = 0.5
 GRID = np.linspace(-S_MAX, S_MAX, 41)
