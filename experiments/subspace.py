@@ -92,8 +92,9 @@ PRESETS = {
 flags.DEFINE_string("workdir", "runs/subspace", "Output folder (warmup/, variants/, "
                     "summary.json, verdict.md, loss_overlay.png).")
 flags.DEFINE_enum("preset", "quick", sorted(PRESETS), "quick: the default run, ≤ 10 min on "
-                  "2 CPU cores; decade: the decade sweep's network at its "
-                  "η = 0.1 scan arm (MNIST-1D n=1024, MLP 2×64, lr=0.1), about 3 min a seed; smoke: a tiny run for tests.")
+                  "2 CPU cores; decade: the decade sweep's network at its η = 0.1 scan arm "
+                  "(MNIST-1D n=1024, MLP 2×64, lr=0.1), about 3 min a seed; smoke: a tiny run "
+                  "for tests.")
 flags.DEFINE_boolean("overwrite", False, "Replace the records of an existing --workdir.")
 flags.DEFINE_enum("start", "eos", ["eos", "init"], "Shared start: the edge-of-stability point "
                   "of a GD warm-up (eos) or the initialization (init).")
