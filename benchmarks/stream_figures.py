@@ -18,7 +18,9 @@ about 15 steps on the --quick workload; at 1.9/λ1(θ_0) the run catapults,
   stream_eig_rel_err_max  the maximum of the same.
 
 Each dict is keyed "1", "10", ...; `stream_details` holds b, m, the steps, the
-largest λ1·lr/2 of the trajectory and the lr.
+largest λ1·lr/2 of the trajectory and the lr, and `products_ratio`: the median time of
+the gradient with H times m tangents alone (`loss_accuracy_grad_block_hvp_fn`, timed
+at the same θ_t) over the untracked step's, the floor under `stream_step_ratio`.
 """
 
 from __future__ import annotations
@@ -75,14 +77,24 @@ def stream_figures(obj, params, args, lambda1_at_start: float, log) -> dict:
         v0 = jax.random.normal(jax.random.key(args.seed + 1), (P,), jnp.float32)
         ref_vectors = jnp.zeros((k, P), jnp.float32)
         displacement = jnp.zeros((P,), jnp.float32)
-        jax.block_until_ready(fused(p, s, obj.data, stream, displacement))   # compile both
+        # The floor: the gradient and H times m tangents, nothing else (no optimizer, no
+        # Rayleigh–Ritz): what the tracker adds is the fused step's time beyond it.
+        _, unravel = ravel_pytree(p)
+        tangents = jax.vmap(unravel)(jax.random.normal(jax.random.key(args.seed + 2), (m, P),
+                                                       jnp.float32))
+        products = jax.jit(obj.loss_accuracy_grad_block_hvp_fn)
+        jax.block_until_ready(fused(p, s, obj.data, stream, displacement))   # compile all
         jax.block_until_ready(plain(p, s, obj.data))
-        fused_s, plain_s, errors, ratio_max = [], [], [], 0.0
+        jax.block_until_ready(products(p, tangents, obj.data))
+        fused_s, plain_s, products_s, errors, ratio_max = [], [], [], [], 0.0
         lambda1, chi_1, secant = [], [], []
         for t in range(args.stream_steps):
             t0 = time.perf_counter()
             jax.block_until_ready(plain(p, s, obj.data))
             plain_s.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            jax.block_until_ready(products(p, tangents, obj.data))
+            products_s.append(time.perf_counter() - t0)
             theta_t = p
             t0 = time.perf_counter()
             p, s, _, row, _, stream = fused(p, s, obj.data, stream, displacement)
@@ -109,6 +121,8 @@ def stream_figures(obj, params, args, lambda1_at_start: float, log) -> dict:
             "num_references": len(errors), "max_stability_ratio": ratio_max,
             **step_curvature_agreement(lambda1, chi_1, secant),
             "fused_step_seconds": float(np.median(fused_s)),
+            "products_seconds": float(np.median(products_s)),
+            "products_ratio": float(np.median(products_s) / np.median(plain_s)),
             "untracked_step_seconds": float(np.median(plain_s))}
         log("stream", key, out["stream_step_ratio"][key], out["stream_eig_rel_err"][key],
             out["stream_eig_rel_err_max"][key], out["stream_details"][key])

@@ -29,7 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.flatten_util import ravel_pytree
 
-from lossland import records
+from lossland import curvature, records
 
 
 @flax.struct.dataclass
@@ -48,7 +48,8 @@ class TrainState:
     cum_delta_top: Any   # float scalar: Σ ΔL_top over the tracked steps so far
     cum_delta_bulk: Any  # float scalar: Σ ΔL_bulk over the tracked steps so far
     stream: Any          # curvature.StreamState of --tracker=stream, pending for `step`
-                         # (phase −1 until started; a (q, 1, P) placeholder for other trackers)
+                         # (phase −1 until started; (1, P) placeholder blocks for other
+                         # trackers; older checkpoints stacked the phases: `unstack_stream`)
     model_state: Any     # the model's non-param variables after `step` steps (BatchNorm's
                          # running statistics, `train.make_train_step`); {} for other models.
                          # Last, so a stateless run's leaves are those of older checkpoints.
@@ -158,6 +159,21 @@ def _to_saveable(state: TrainState):
     return jax.tree_util.tree_map(np.asarray, state)
 
 
+def unstack_stream(saved: dict) -> curvature.StreamState:
+    """A stream state saved with its q phases stacked ((q, b, P) arrays, indexed by
+    `phase`) in the present layout: per-phase tuples, the block imaged next first.
+    `previous` was (q, b, P) and meaningful for b = 1 only; it is (1, P) now."""
+    basis, images = np.asarray(saved["basis"]), np.asarray(saved["images"])
+    q, b, P = basis.shape
+    order = [(int(saved["phase"]) + i) % q for i in range(q)]     # phase −1: any order
+    previous = (np.asarray(saved["previous"]) if b == 1
+                else np.zeros((q, 1, P), basis.dtype))
+    return curvature.StreamState(
+        basis=tuple(basis[i] for i in order), images=tuple(images[i] for i in order),
+        shift=saved["shift"], cursor=tuple(np.int32(saved["cursor"][i]) for i in order),
+        phase=saved["phase"], previous=tuple(previous[i] for i in order))
+
+
 class CheckpointMismatch(records.WorkdirError):
     """A checkpoint this version cannot resume from; the message says why and what to do."""
 
@@ -205,9 +221,18 @@ class CheckpointManager:
                     "--overwrite (or in a new --workdir).")
             abstract = {name: getattr(abstract, name) for name in abstract.__dataclass_fields__
                         if name != "model_state"}
+        saved_stream = self._manager.item_metadata(step)["stream"]
+        stacked = not isinstance(saved_stream["basis"], (list, tuple, dict))
+        if stacked:      # saved before the stream's phases were kept apart
+            old = {name: jax.ShapeDtypeStruct(saved_stream[name].shape, saved_stream[name].dtype)
+                   for name in curvature.StreamState._fields}
+            abstract = (abstract.replace(stream=old) if not isinstance(abstract, dict)
+                        else {**abstract, "stream": old})
         restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
         if isinstance(restored, dict):   # back in field order (a dict flattens sorted)
             restored = TrainState(**restored, model_state={})
+        if stacked:
+            restored = restored.replace(stream=unstack_stream(restored.stream))
         # Rebuild the exact pytree types of the template (optax NamedTuples, ...).
         leaves = jax.tree_util.tree_leaves(restored)
         treedef = jax.tree_util.tree_structure(template)

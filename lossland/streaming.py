@@ -1,8 +1,9 @@
 """The stream tracker (--tracker=stream): a GD step that also returns H·V, and the top-k it follows.
 
-`make_fused_step` builds the jitted step
+`make_fused_step` builds the step
 
-    (params, opt_state, data, stream) -> (params', opt_state', metrics, row, stream')
+    (params, opt_state, data, stream, displacement)
+        -> (params', opt_state', metrics, row, V_k, stream')
 
 that takes the full-batch gradient and H_t X for the m pending rows X of the
 stream block from one linearization of the gradient per chunk
@@ -60,17 +61,26 @@ def step_curvature(grad, displacement, lr):
                      + 1.0 / lr, jnp.nan)
 
 
+def _ravel(tree):
+    return ravel_pytree(tree)[0]
+
+
 def make_fused_step(objective: Objective, optimizer: optax.GradientTransformation, *, k: int,
                     refresh: int, lr: float):
-    """The jitted fused GD step of the stream tracker (see the module docstring).
+    """The fused GD step of the stream tracker (see the module docstring).
 
-    `displacement` is θ_t − θ_{t−1} (zeros at the first step), for `step_curvature`; `lr`
-    is the GD step η of `optimizer` (the stream tracker runs plain GD only)."""
+    `step(params, opt_state, data, stream, displacement)` returns (params', opt_state',
+    metrics, row, V_k, stream'). `displacement` is θ_t − θ_{t−1} (zeros at the first
+    step), for `step_curvature`; `lr` is the GD step η of `optimizer` (the stream tracker
+    runs plain GD only). The jitted part sees only the block imaged at this step
+    (`curvature.current_block`); the other phases' blocks stay where they are, never
+    copied (a (b, P) block each: copying them cost more than the products they save).
+    """
 
-    def step(params, opt_state, data, stream: curvature.StreamState, displacement):
+    def products(params, opt_state, data, block: curvature.StreamBlock):
+        """The GD step and H_t times the block's pending rows, from one linearization."""
         _, unravel = ravel_pytree(params)
-        ravel = lambda tree: ravel_pytree(tree)[0]
-        pending = jax.vmap(unravel)(curvature.stream_pending(stream, refresh))
+        pending = jax.vmap(unravel)(curvature.block_pending(block, refresh))
         loss, accuracy, grad, images = objective.loss_accuracy_grad_block_hvp_fn(
             params, pending, data)
         updates, opt_state = optimizer.update(grad, opt_state, params)
@@ -80,23 +90,46 @@ def make_fused_step(objective: Objective, optimizer: optax.GradientTransformatio
             param_norm=train_lib.tree_norm(params), update_norm=train_lib.tree_norm(updates),
             params_finite=jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf))
                                              for leaf in jax.tree_util.tree_leaves(new_params)])))
-        stream, ritz = curvature.stream_update(stream, jax.vmap(ravel)(images), num_wanted=k)
-        g, V = ravel(grad), ritz.eigenvectors[:k]
-        g_sq, g_top_sq = jnp.vdot(g, g), jnp.sum(jnp.square(V @ g))
+        return new_params, opt_state, metrics, _ravel(grad), jax.vmap(_ravel)(images)
+
+    def track(block: curvature.StreamBlock, shift, images, g, displacement):
+        """Rayleigh–Ritz and the next block (`curvature.update_block`), and the row."""
+        block, shift, ritz = curvature.update_block(block, shift, images, num_wanted=k)
+        V = ritz.eigenvectors[:k]
+        coefficients = jnp.matmul(V, g, precision=jax.lax.Precision.HIGHEST)   # one pass
+        g_sq, g_top_sq = jnp.vdot(g, g), jnp.sum(jnp.square(coefficients))
         row = {
             "eigenvalues": ritz.eigenvalues[:k],
             "residuals": ritz.residuals[:k],
             "num_matvecs": jnp.int32(refresh),
-            "chi_1": subspace.subspace_fraction(g, V[:1]),
-            "chi_k": subspace.subspace_fraction(g, V),
+            "chi_1": subspace.fraction_of(jnp.square(coefficients[0]), g_sq),
+            "chi_k": subspace.fraction_of(g_top_sq, g_sq),
             "grad_norm_top": jnp.sqrt(g_top_sq),
             "grad_norm_bulk": jnp.sqrt(jnp.maximum(g_sq - g_top_sq, 0.0)),
-            "stream_shift": stream.shift,
+            "stream_shift": shift,
             "step_curvature": step_curvature(g, displacement, lr),
         }
-        return new_params, opt_state, metrics, row, V, stream
+        return row, V, block, shift
 
-    return jax.jit(step)
+    def fused(params, opt_state, data, block, shift, displacement):
+        new_params, opt_state, metrics, g, images = products(params, opt_state, data, block)
+        return new_params, opt_state, metrics, *track(block, shift, images, g, displacement)
+
+    # One program for one row, two (products, then tracking) for more: on XLA:CPU one
+    # program ran 20–35% slower than the two at k = 10 (b = 14, m = 6) on the tracking
+    # benchmark's workload, and 3–5% faster at k = 1 (BUILD_NOTES.md).
+    if refresh == 1:
+        fused = jax.jit(fused)
+    else:
+        products, track = jax.jit(products), jax.jit(track)
+
+    def step(params, opt_state, data, stream: curvature.StreamState, displacement):
+        new_params, opt_state, metrics, row, V, block, shift = fused(
+            params, opt_state, data, curvature.current_block(stream), stream.shift,
+            displacement)
+        return new_params, opt_state, metrics, row, V, curvature.advance(stream, block, shift)
+
+    return step
 
 
 def make_stream_start(objective: Objective, *, block_size: int, num_iters: int, tol,
@@ -126,10 +159,11 @@ def make_stream_start(objective: Objective, *, block_size: int, num_iters: int, 
 def placeholder_state(block_size: int, num_params: int, dtype,
                       phases: int = PHASES) -> curvature.StreamState:
     """A not-yet-started stream (phase −1) of the right shapes: the checkpoint template."""
-    zeros = jnp.zeros((phases, block_size, num_params), dtype)
-    return curvature.StreamState(basis=zeros, images=zeros, shift=jnp.zeros((), dtype),
-                                 cursor=jnp.zeros((phases,), jnp.int32), phase=jnp.int32(-1),
-                                 previous=zeros)
+    zeros = jnp.zeros((block_size, num_params), dtype)
+    return curvature.StreamState(basis=(zeros,) * phases, images=(zeros,) * phases,
+                                 shift=jnp.zeros((), dtype), cursor=(jnp.int32(0),) * phases,
+                                 phase=jnp.int32(-1),
+                                 previous=(jnp.zeros((1, num_params), dtype),) * phases)
 
 
 def block_rows(cfg) -> int:

@@ -55,10 +55,13 @@ def subspace_fraction(g, V) -> jax.Array:
     g, _ = _flat(g)
     V = _rows(V, g.shape[0])
     c = _coefficients(g, V)
-    top = jnp.sum(c * c)
-    total = jnp.vdot(g, g, precision=_HIGHEST)
-    safe = jnp.where(total > 0, total, 1.0)
-    return jnp.where(total > 0, jnp.clip(top / safe, 0.0, 1.0), 0.0)
+    return fraction_of(jnp.sum(c * c), jnp.vdot(g, g, precision=_HIGHEST))
+
+
+def fraction_of(part_sq, total_sq) -> jax.Array:
+    """part_sq / total_sq clipped to [0, 1], 0 when total_sq is 0: χ from ‖V g‖² and ‖g‖²."""
+    safe = jnp.where(total_sq > 0, total_sq, 1.0)
+    return jnp.where(total_sq > 0, jnp.clip(part_sq / safe, 0.0, 1.0), 0.0)
 
 
 def project_onto(g, V):

@@ -241,3 +241,25 @@ def test_stream_driver_rows_audit_and_resume_equal_uninterrupted(tmp_path):
 
     strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rs]
     assert strip(records.read_metrics(split)) == strip(rows)
+
+
+@pytest.mark.parametrize("b", [3, 1])
+def test_a_stream_saved_with_its_phases_stacked_resumes_with_the_right_block_first(b):
+    """Checkpoints before the phases were kept apart held (q, b, P) arrays indexed by
+    `phase`; `unstack_stream` puts the block imaged next first (b = 1 keeps `previous`)."""
+    from lossland import checkpoints
+    rng = np.random.default_rng(0)
+    q, P = 2, 5
+    saved = {"basis": rng.normal(size=(q, b, P)), "images": rng.normal(size=(q, b, P)),
+             "shift": np.float32(2.5), "cursor": np.array([1, 2], np.int32),
+             "phase": np.int32(1), "previous": rng.normal(size=(q, b, P))}
+    state = checkpoints.unstack_stream(saved)
+    for name in ("basis", "images"):
+        np.testing.assert_array_equal(getattr(state, name)[0], saved[name][1])
+        np.testing.assert_array_equal(getattr(state, name)[1], saved[name][0])
+    assert [int(c) for c in state.cursor] == [2, 1] and int(state.phase) == 1
+    assert all(p.shape == (1, P) for p in state.previous)
+    if b == 1:
+        np.testing.assert_array_equal(state.previous[0], saved["previous"][1])
+    else:
+        assert not np.any(state.previous[0])

@@ -7,6 +7,8 @@ Public API (a promise to users; keep these names and signatures):
     block_hvp(loss_fn, params, V), block_gnvp(...)  the same for b tangents stacked on axis 0
     grad_and_block_hvp(loss_fn, params, V)         (value, ∇L, H V) from one linearization
     stream_start, stream_pending, stream_update    top-k subspace followed one product a step
+    current_block, block_pending, update_block, advance
+                                                   the same, one phase's block at a time
     lanczos_top_k(matvec, v0, k, num_iters, *, tol=None, init_vectors=None, which="largest")
                                                    top-k eigenpairs (Lanczos, full reorth.);
                                                    which="smallest" gives λ_min first
@@ -63,18 +65,20 @@ from lossland.curvature.lanczos import (KrylovState, LanczosResult, krylov_decom
 from lossland.curvature.products import (block_gnvp, block_hvp, empirical_fisher_vp, gnvp,
                                          grad_and_block_hvp, hvp)
 from lossland.curvature.ritz import ritz_pairs, ritz_residual_estimates
-from lossland.curvature.stream import (StreamRitz, StreamState, stream_pending, stream_start,
-                                      stream_update)
+from lossland.curvature.stream import (StreamBlock, StreamRitz, StreamState, advance,
+                                      block_pending, current_block, stream_pending,
+                                      stream_start, stream_update, update_block)
 from lossland.curvature.stochastic import (HutchinsonResult, SLQResult, hutchinson_trace,
                                            slq_density)
 
 __all__ = [
     "BlockSpectrum", "DiagonalResult", "HutchinsonResult", "HutchppResult", "KrylovState",
-    "LanczosResult", "NoLayerStructure", "ParamSubset", "SLQResult", "StreamRitz", "StreamState",
+    "LanczosResult", "NoLayerStructure", "ParamSubset", "SLQResult", "StreamBlock", "StreamRitz",
+    "StreamState", "advance", "block_pending", "current_block",
     "block_gnvp", "block_hvp", "block_spectra", "block_top_k", "empirical_fisher_vp",
     "frobenius_norm_sq", "gnvp", "grad_and_block_hvp", "hutchinson_diagonal", "hutchinson_trace",
     "hutchpp_trace", "hvp", "krylov_decomposition", "lanczos_top_k", "layer_names",
     "layer_segment_ids", "layer_subsets", "leaf_names", "ritz_pairs", "ritz_residual_estimates",
     "select_params", "slq_density", "stream_pending", "stream_start", "stream_update",
-    "subset_gnvp", "subset_hvp", "warm_start_vector",
+    "subset_gnvp", "subset_hvp", "update_block", "warm_start_vector",
 ]

@@ -41,6 +41,9 @@ alternates between two directions) while those of H_t and H_{t+2} overlap by
 step and one product cannot bring it back; with q = 2 each block sees a nearly
 fixed matrix. Same products per step, q times the memory; the Ritz pairs of a
 step are those of its phase's block, at H_t. q = 1 is the plain algorithm.
+The blocks are kept apart, as a tuple with the block imaged next first, and a
+step reads and writes that block only (`current_block`, `update_block`,
+`advance`): stacked in one (q, b, P) array, every step copied all of them.
 
 Momentum (b = 1). A single vector (the k = 1 default) takes a step of the
 momentum power method instead (Xu et al. 2018, "Accelerated stochastic power
@@ -82,19 +85,31 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lossland.curvature.basis import dot
+from lossland.curvature.basis import dot, eps
 from lossland.curvature.block import orthonormalize_block
 
 MOMENTUM = 0.85   # c: the assumed bound of (λ2 + σ)/(λ1 + σ) for b = 1 (module docstring)
 
 
 class StreamState(NamedTuple):
-    basis: jax.Array    # (q, b, P) V per phase, orthonormal rows
-    images: jax.Array   # (q, b, P) W per phase, row i the latest image H_{t_i} v_i
+    """The stream's state: q blocks, one per phase, kept apart (not stacked), so that a
+    step reads and writes only the block it images (`current_block`, `advance`)."""
+    basis: tuple        # q × (b, P): V per phase, orthonormal rows; basis[0] is imaged next
+    images: tuple       # q × (b, P): W per phase, row i the latest image H_{t_i} v_i
     shift: jax.Array    # scalar σ ≥ 0, shared by the phases: the iteration runs on H + σI
-    cursor: jax.Array   # (q,) int32: per phase, the first of the rows imaged at its next step
-    phase: jax.Array    # int32: the phase (block) imaged at the next step; −1 = not started
-    previous: jax.Array  # (q, b, P) b = 1: the previous vector, scaled as the current (momentum)
+    cursor: tuple       # q × int32: per phase, the first of the rows imaged at its next step
+    phase: jax.Array    # int32: steps taken mod q (the phase of basis[0]); −1 = not started
+    previous: tuple     # q × (1, P): b = 1, the previous vector scaled as the current
+                        # (momentum); zeros for b > 1
+
+
+class StreamBlock(NamedTuple):
+    """The block of the phase imaged at this step: `current_block` reads it, `update_block`
+    advances it, `advance` puts it back behind the others."""
+    basis: jax.Array     # (b, P)
+    images: jax.Array    # (b, P)
+    cursor: jax.Array    # int32
+    previous: jax.Array  # (1, P)
 
 
 class StreamRitz(NamedTuple):
@@ -111,11 +126,28 @@ def stream_start(vectors: jax.Array, values: jax.Array, shift, phases: int = 2) 
     them. `shift` is σ, `phases` is q (see the module docstring).
     """
     basis = orthonormalize_block(vectors, jnp.zeros_like(vectors), 0)
-    tile = lambda x: jnp.broadcast_to(x, (phases,) + x.shape)
-    return StreamState(basis=tile(basis), images=tile(values[:, None] * basis),
+    images = values[:, None] * basis
+    previous = jnp.zeros((1, vectors.shape[1]), vectors.dtype)
+    return StreamState(basis=(basis,) * phases, images=(images,) * phases,
                        shift=jnp.maximum(jnp.asarray(shift, vectors.dtype), 0.0),
-                       cursor=jnp.zeros((phases,), jnp.int32), phase=jnp.int32(0),
-                       previous=jnp.zeros((phases,) + vectors.shape, vectors.dtype))
+                       cursor=(jnp.int32(0),) * phases, phase=jnp.int32(0),
+                       previous=(previous,) * phases)
+
+
+def current_block(state: StreamState) -> StreamBlock:
+    """The block imaged at this step (phase `state.phase`)."""
+    return StreamBlock(state.basis[0], state.images[0], state.cursor[0], state.previous[0])
+
+
+def advance(state: StreamState, block: StreamBlock, shift) -> StreamState:
+    """The state of the next step: `block` (this step's, updated) goes behind the others."""
+    rotate = lambda blocks, new: tuple(blocks[1:]) + (new,)
+    q = len(state.basis)
+    return StreamState(basis=rotate(state.basis, block.basis),
+                       images=rotate(state.images, block.images), shift=shift,
+                       cursor=rotate(state.cursor, block.cursor),
+                       phase=(state.phase + 1) % q,
+                       previous=rotate(state.previous, block.previous))
 
 
 def _slots(cursor, refresh: int, b: int):
@@ -140,8 +172,12 @@ def _advance(cursor, refresh: int, b: int):
 
 def stream_pending(state: StreamState, refresh: int) -> jax.Array:
     """(refresh, P): the rows whose images H_t V the caller computes at this step."""
-    cursor = state.cursor[state.phase]
-    return state.basis[state.phase][_slots(cursor, refresh, state.basis.shape[1])]
+    return block_pending(current_block(state), refresh)
+
+
+def block_pending(block: StreamBlock, refresh: int) -> jax.Array:
+    """`stream_pending` of a block."""
+    return block.basis[_slots(block.cursor, refresh, block.basis.shape[0])]
 
 
 def stream_update(state: StreamState, fresh_images: jax.Array,
@@ -157,34 +193,60 @@ def stream_update(state: StreamState, fresh_images: jax.Array,
       (the state for step t + 1, the Ritz pairs of H_t on span V at step t, from
       this step's phase's block; the other phases' blocks are untouched).
     """
-    phase, q = state.phase, state.basis.shape[0]
-    V, cursor = state.basis[phase], state.cursor[phase]
+    block, shift, ritz = update_block(current_block(state), state.shift, fresh_images,
+                                      num_wanted)
+    return advance(state, block, shift), ritz
+
+
+def _next_rows(U, G, theta, due, is_due, tau, Y, T):
+    """The due rows' next vectors: (H + τI) u_i = G_i + τ u_i, orthonormal and ⟂ the others.
+
+    Block classical Gram–Schmidt, twice, then one QR. X_i = (θ_i + τ) u_i + r_i
+    (r_i = G_i − θ_i u_i), so its overlaps with the other Ritz vectors are known
+    without touching P-vectors: X Uᵀ = Yᵀ (W Vᵀ) Y + τ I on the due rows, W Vᵀ = Tᵀ.
+    The first pass takes them from there (exact while V's rows are orthonormal);
+    the second is explicit and removes what rounding and V's drift left. A row
+    that vanishes (θ_i + τ ≈ 0 and r_i ≈ 0: u_i is an eigenvector the shift maps
+    to 0) keeps u_i, which is already ⟂ the others: the block keeps full rank.
+    """
+    others = jnp.where(is_due[:, None], 0.0, U)
+    overlaps = jnp.where(is_due[None, :], 0.0, dot(dot(Y.T, T.T), Y)[due])     # (m, b)
+    X = G[due] + tau * U[due] - dot(overlaps, others)
+    X = X - dot(dot(X, others.T), others)
+    norms = jnp.linalg.norm(X, axis=1, keepdims=True)
+    scale = jnp.max(jnp.abs(theta)) + jnp.abs(tau) + jnp.finfo(X.dtype).tiny
+    floor = eps(X.dtype) * scale
+    X = jnp.where(norms > 1e3 * floor, X / jnp.maximum(norms, floor), U[due])
+    return jnp.linalg.qr(X.T)[0].T
+
+
+def update_block(block: StreamBlock, shift, fresh_images: jax.Array,
+                 num_wanted: int | None = None) -> tuple[StreamBlock, jax.Array, StreamRitz]:
+    """`stream_update` on the current block alone: (its next value, σ', the Ritz pairs)."""
+    V, cursor = block.basis, block.cursor
     b, m = V.shape[0], fresh_images.shape[0]
-    W = state.images[phase].at[_slots(cursor, m, b)].set(fresh_images)
+    W = fresh_images if m == b else block.images.at[_slots(cursor, m, b)].set(fresh_images)
     T = dot(V, W.T)
-    theta, Y = jnp.linalg.eigh(0.5 * (T + T.T))
-    theta, Y = theta[::-1], Y[:, ::-1]
-    U, G = dot(Y.T, V), dot(Y.T, W)
+    if b == 1:      # the Rayleigh quotient; no rotation
+        theta, Y, U, G = T[0], jnp.ones((1, 1), T.dtype), V, W
+    else:
+        theta, Y = jnp.linalg.eigh(0.5 * (T + T.T))
+        theta, Y = theta[::-1], Y[:, ::-1]
+        U, G = dot(Y.T, V), dot(Y.T, W)
     residuals = jnp.linalg.norm(G - theta[:, None] * U, axis=1)
-    shift = jnp.maximum(state.shift, -theta[-1])
+    shift = jnp.maximum(shift, -theta[-1])
     cursor = _advance(cursor, m, b)
     due = _slots(cursor, m, b)
     is_due = jnp.zeros((b,), bool).at[due].set(True)
-    # One step of subspace iteration on H + τI for the due rows, kept orthogonal to
-    # the others (whose vectors and images stay as they are).
-    previous = state.previous[phase]
+    previous = block.previous
     if b == 1:      # the momentum power method (module docstring); U is ±V here
-        X = G[due] + shift * U[due]
+        X = G + shift * U
         X = X - (MOMENTUM * (theta[0] + shift)) ** 2 / 4 * (U[0] @ V[0]) * previous
         norm = jnp.linalg.norm(X)
         X, previous = X / norm, U / norm
     else:           # the centred shift τ = (σ − θ_b)/2 with guard rows (module docstring)
         centred = num_wanted is not None and num_wanted < b
-        X = G[due] + (0.5 * (shift - theta[-1]) if centred else shift) * U[due]
-        X = orthonormalize_block(X, jnp.where(is_due[:, None], 0.0, U), cursor)
-    new_state = StreamState(basis=state.basis.at[phase].set(U.at[due].set(X)),
-                            images=state.images.at[phase].set(G), shift=shift,
-                            cursor=state.cursor.at[phase].set(cursor),
-                            phase=(phase + 1) % q,
-                            previous=state.previous.at[phase].set(previous))
-    return new_state, StreamRitz(eigenvalues=theta, eigenvectors=U, residuals=residuals)
+        tau = 0.5 * (shift - theta[-1]) if centred else shift
+        X = _next_rows(U, G, theta, due, is_due, tau, Y, T)
+    new_block = StreamBlock(basis=U.at[due].set(X), images=G, cursor=cursor, previous=previous)
+    return new_block, shift, StreamRitz(eigenvalues=theta, eigenvectors=U, residuals=residuals)
