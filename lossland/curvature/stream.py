@@ -248,5 +248,6 @@ def update_block(block: StreamBlock, shift, fresh_images: jax.Array,
         centred = num_wanted is not None and num_wanted < b
         tau = 0.5 * (shift - theta[-1]) if centred else shift
         X = _next_rows(U, G, theta, due, is_due, tau, Y, T)
-    new_block = StreamBlock(basis=U.at[due].set(X), images=G, cursor=cursor, previous=previous)
+    basis = X if b == 1 else U.at[due].set(X)
+    new_block = StreamBlock(basis=basis, images=G, cursor=cursor, previous=previous)
     return new_block, shift, StreamRitz(eigenvalues=theta, eigenvectors=U, residuals=residuals)
