@@ -109,7 +109,9 @@ def make_fused_step(objective: Objective, optimizer: optax.GradientTransformatio
             "stream_shift": shift,
             "step_curvature": step_curvature(g, displacement, lr),
         }
-        return row, V, block, shift
+        # One row (b = 1): the Ritz vector is the block's own vector; `step` passes that
+        # array on rather than a copy of it.
+        return row, (V if block.basis.shape[0] > 1 else None), block, shift
 
     def fused(params, opt_state, data, block, shift, displacement):
         new_params, opt_state, metrics, g, images = products(params, opt_state, data, block)
@@ -124,9 +126,10 @@ def make_fused_step(objective: Objective, optimizer: optax.GradientTransformatio
         products, track = jax.jit(products), jax.jit(track)
 
     def step(params, opt_state, data, stream: curvature.StreamState, displacement):
+        current = curvature.current_block(stream)
         new_params, opt_state, metrics, row, V, block, shift = fused(
-            params, opt_state, data, curvature.current_block(stream), stream.shift,
-            displacement)
+            params, opt_state, data, current, stream.shift, displacement)
+        V = current.basis if V is None else V
         return new_params, opt_state, metrics, row, V, curvature.advance(stream, block, shift)
 
     return step

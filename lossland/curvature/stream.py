@@ -228,7 +228,7 @@ def update_block(block: StreamBlock, shift, fresh_images: jax.Array,
     W = fresh_images if m == b else block.images.at[_slots(cursor, m, b)].set(fresh_images)
     T = dot(V, W.T)
     if b == 1:      # the Rayleigh quotient; no rotation
-        theta, Y, U, G = T[0], jnp.ones((1, 1), T.dtype), V, W
+        theta, U, G = T[0], V, W
     else:
         theta, Y = jnp.linalg.eigh(0.5 * (T + T.T))
         theta, Y = theta[::-1], Y[:, ::-1]
@@ -236,18 +236,16 @@ def update_block(block: StreamBlock, shift, fresh_images: jax.Array,
     residuals = jnp.linalg.norm(G - theta[:, None] * U, axis=1)
     shift = jnp.maximum(shift, -theta[-1])
     cursor = _advance(cursor, m, b)
-    due = _slots(cursor, m, b)
-    is_due = jnp.zeros((b,), bool).at[due].set(True)
     previous = block.previous
-    if b == 1:      # the momentum power method (module docstring); U is ±V here
-        X = G + shift * U
-        X = X - (MOMENTUM * (theta[0] + shift)) ** 2 / 4 * (U[0] @ V[0]) * previous
+    if b == 1:      # the momentum power method (module docstring); U is V here, ‖V‖ = 1
+        X = G + shift * U - (MOMENTUM * (theta[0] + shift)) ** 2 / 4 * previous
         norm = jnp.linalg.norm(X)
-        X, previous = X / norm, U / norm
+        basis, previous = X / norm, U / norm
     else:           # the centred shift τ = (σ − θ_b)/2 with guard rows (module docstring)
+        due = _slots(cursor, m, b)
+        is_due = jnp.zeros((b,), bool).at[due].set(True)
         centred = num_wanted is not None and num_wanted < b
         tau = 0.5 * (shift - theta[-1]) if centred else shift
-        X = _next_rows(U, G, theta, due, is_due, tau, Y, T)
-    basis = X if b == 1 else U.at[due].set(X)
+        basis = U.at[due].set(_next_rows(U, G, theta, due, is_due, tau, Y, T))
     new_block = StreamBlock(basis=basis, images=G, cursor=cursor, previous=previous)
     return new_block, shift, StreamRitz(eigenvalues=theta, eigenvectors=U, residuals=residuals)
