@@ -63,7 +63,9 @@ def define_flags() -> None:
                       "the dataset's size. Default: preset.")
     flags.DEFINE_list("seeds", None, "Seeds (data order and init). Default: preset.")
     flags.DEFINE_list("activations", None, "Activations (a kinked and a smooth control). "
-                      "Default: preset (relu,tanh; relu on Fashion-MNIST).")
+                      "Default: preset (relu,tanh; relu on Fashion-MNIST). Arms that pin "
+                      "their own (the decade preset's teacher arms, its η scan) are "
+                      "selected: an arm that shares none of these is left out.")
     flags.DEFINE_list("losses", None, "Losses (mse, cross_entropy). Default: mse.")
     flags.DEFINE_float("lr", None, "GD step η. Default: preset (0.05).")
     flags.DEFINE_integer("max_steps", None, "Step cap per run. Default: preset.")
@@ -130,7 +132,7 @@ def settings_from_flags() -> dict:
     user_set = [key for key in OVERRIDABLE if FLAGS[key].value is not None]
     for key in user_set:
         s[key] = FLAGS[key].value
-    s["per_dataset"] = {d: _without_keys(arms, user_set, s["model"])
+    s["per_dataset"] = {d: _without_keys(arms, user_set, s["model"], s["activations"])
                         for d, arms in s.get("per_dataset", {}).items()}
     try:
         band = [float(v) for v in FLAGS.eos_band]
@@ -142,14 +144,29 @@ def settings_from_flags() -> dict:
     return validate_settings(s)
 
 
-def _without_keys(arms, keys, model):
+def _without_keys(arms, keys, model, activations=()):
     """A dataset's arm overrides without the flags the user set. With --model set, one
-    arm only (the others would train the same model): the one for that model, if any."""
+    arm only (the others would train the same model): the one for that model, if any.
+
+    --activations selects among arms that pin their own (the decade preset's teacher
+    arms: ReLU at η = 0.3, tanh at η = 0.5): each keeps the activations it shares with
+    the flag, and an arm that shares none is dropped, so `--activations=relu` runs the
+    ReLU arm only, not the tanh arm's η with ReLU. Only when no arm of the dataset
+    shares one does the flag replace every arm's (the arms' η were not set for it).
+    """
     if isinstance(arms, dict):
-        return {k: v for k, v in arms.items() if k not in keys}
+        return _without_keys([arms], keys, model, activations)[0]
     if "model" in keys:
         arms = [arm for arm in arms if arm.get("model") == model][:1] or arms[:1]
-    return [_without_keys(arm, keys, model) for arm in arms]
+    if "activations" in keys:
+        shared = [arm for arm in arms
+                  if "activations" not in arm or set(arm["activations"]) & set(activations)]
+        if shared:
+            keys = [key for key in keys if key != "activations"]
+            arms = [arm if "activations" not in arm else
+                    {**arm, "activations": [a for a in arm["activations"] if a in activations]}
+                    for arm in shared]
+    return [{k: v for k, v in arm.items() if k not in keys} for arm in arms]
 
 
 def dataset_arms(settings: dict, dataset: str) -> list[dict]:

@@ -269,6 +269,24 @@ def test_each_arm_has_its_own_model_settings_and_hold(tmp_path):
         scaling.dataset_arms({**settings, "per_dataset": {"mnist1d": [{}, {}]}}, "mnist1d")
 
 
+def test_activations_flag_selects_the_arms_that_pin_one():
+    """--activations=relu on the decade preset runs the teacher's ReLU arm (η = 0.3) and
+    leaves out its tanh arm (η = 0.5), rather than running ReLU at the tanh arm's η; an
+    activation no arm pins replaces every arm's."""
+    teacher = sweep_n.PRESETS["decade"]["per_dataset"]["teacher"]
+    kept = sweep_n._without_keys(teacher, ["activations"], "mlp", ["relu"])
+    assert [(arm["arm"], arm["lr"], arm["activations"]) for arm in kept] == [
+        ("mlp_relu", 0.3, ["relu"])]
+    kept = sweep_n._without_keys(teacher, ["activations"], "mlp", ["relu", "gelu"])
+    assert [arm["activations"] for arm in kept] == [["relu"]]
+    replaced = sweep_n._without_keys(teacher, ["activations"], "mlp", ["gelu"])
+    assert len(replaced) == 2 and not any("activations" in arm for arm in replaced)
+    # MNIST-1D: the main arm pins none (it takes the flag); the η-scan arms pin ReLU.
+    mnist1d = sweep_n.PRESETS["decade"]["per_dataset"]["mnist1d"]
+    assert [arm["arm"] for arm in sweep_n._without_keys(mnist1d, ["activations"], "mlp",
+                                                        ["tanh"])] == ["mlp"]
+
+
 def test_full_preset_has_resnet_arms_with_and_without_batchnorm(tmp_path):
     """Two arms of one model (`arm` names): --dry_run lists both, with their own settings."""
     settings = sweep_n.validate_settings({**sweep_n.PRESETS["full"], "eos_threshold": 0.9,
