@@ -341,8 +341,11 @@ def _eta_scaling_lines(summary: dict) -> list[str]:
     several η on one setting."""
     scans = summary.get("eta_scaling") or []
     if not scans:
-        lr = summary.get("lr")
-        return [f"Scaling with η: this sweep ran a single η per setting ({fmt(lr, 3)}); how "
+        # Each arm's own η (an arm may override the sweep's top-level one).
+        lrs = sorted({g["lr"] for g in summary.get("groups", []) if g.get("lr") is not None})
+        lrs = lrs or [summary.get("lr")]
+        return [f"Scaling with η: this sweep ran a single η per setting "
+                f"({', '.join(fmt(lr, 3) for lr in lrs)}); how "
                 "the late level scales with η needs runs at several η and is not measured "
                 "here."]
     lines = []

@@ -469,3 +469,11 @@ def test_c1_verdict_is_decided_on_the_rules_primary_quantity():
     old = {k: v for k, v in summary.items() if k != "c1_rule"}
     row = next(r for r in verdicts.glance_rows(old) if r[0] == "C1" and "relu" in r[1])
     assert row[3].startswith("max ‖∇L‖ along probes ∝ N^0.")
+
+
+def test_single_eta_sentence_names_each_arms_eta():
+    """The teacher arms run at η = 0.3 and 0.5 while the preset's top-level η is 0.2: the
+    report names the arms' η."""
+    from lossland import verdicts
+    line, = verdicts._eta_scaling_lines({"lr": 0.2, "groups": [{"lr": 0.5}, {"lr": 0.3}]})
+    assert "(0.300, 0.500)" in line and "0.200" not in line
