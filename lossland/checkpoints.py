@@ -209,7 +209,8 @@ class CheckpointManager:
             return None
         saveable = _to_saveable(template)
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, saveable)
-        if "model_state" not in self._manager.item_metadata(step):
+        saved = self._manager.item_metadata(step)     # the saved tree's shapes, read once
+        if "model_state" not in saved:
             # Saved before TrainState had model_state. A stateless model's checkpoint holds
             # the same leaves, in the same order, without the empty field; a BatchNorm
             # model's lacks its running statistics and cannot resume.
@@ -221,7 +222,7 @@ class CheckpointManager:
                     "--overwrite (or in a new --workdir).")
             abstract = {name: getattr(abstract, name) for name in abstract.__dataclass_fields__
                         if name != "model_state"}
-        saved_stream = self._manager.item_metadata(step)["stream"]
+        saved_stream = saved["stream"]
         stacked = not isinstance(saved_stream["basis"], (list, tuple, dict))
         if stacked:      # saved before the stream's phases were kept apart
             old = {name: jax.ShapeDtypeStruct(saved_stream[name].shape, saved_stream[name].dtype)
